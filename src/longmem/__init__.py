@@ -1,0 +1,15 @@
+"""longmem: exact, fast PyTorch optimizers that remember gradients for a long time.
+
+AdEMAMix (arXiv:2409.03137), Simplified AdEMAMix (arXiv:2502.02431), AdaMod (arXiv:1910.12249),
+diffGrad (arXiv:1909.11015) and DiffMod, each a drop-in ``torch.optim.Optimizer``.
+"""
+
+from .adamod import AdaMod
+from .ademamix import AdEMAMix
+from .diffgrad import DiffGrad
+from .diffmod import DiffMod
+from .simplified_ademamix import SimplifiedAdEMAMix
+
+__version__ = "0.1.0"
+
+__all__ = ["AdEMAMix", "AdaMod", "DiffGrad", "DiffMod", "SimplifiedAdEMAMix", "__version__"]

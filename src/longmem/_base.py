@@ -1,0 +1,250 @@
+"""What every longmem optimizer shares: lazy state, group validation, the step loop, checkpoints.
+
+A subclass declares its state buffers (``_buffers``), how to validate a parameter group
+(``_validate_group``) and how to apply its update to one group (``_update_group``); the math itself
+lives in the subclass's module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._elementwise import default_foreach
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Optimizer state precision for ``param``: float32 for bf16/fp16 parameters (a bf16 EMA with
+    beta 0.9999 stops moving, since ``0.9999 * m`` rounds back to ``m``), else the parameter's own."""
+    if param.dtype in _LOW_PRECISION:
+        return torch.float32
+    if param.dtype == torch.complex32:
+        return torch.complex64
+    return param.dtype
+
+
+def _new_step() -> Tensor:
+    return torch.zeros((), dtype=torch.float32)
+
+
+class LongMemOptimizer(Optimizer):
+    """Base class: subclasses set ``_buffers`` and implement ``_validate_group``/``_update_group``."""
+
+    #: state buffers with the parameter's shape, in the order the update rule takes them
+    _buffers: ClassVar[tuple[str, ...]] = ()
+    #: 0-d scalar state beside ``step``: name -> factory of its initial value
+    _scalars: ClassVar[dict[str, Callable[[], Tensor]]] = {}
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        if isinstance(defaults.get("betas"), list):
+            defaults["betas"] = tuple(defaults["betas"])
+        self._validate_group(dict(defaults))
+        super().__init__(params, defaults)
+
+    # ---- parameter groups -------------------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _prepare_group(self, group: dict[str, Any], given: dict[str, Any]) -> None:
+        """Derive entries of ``group`` from those the user ``given`` (DiffMod's ``len_memory``)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate the group as it will be (defaults filled in) before it is added, so a bad
+        # group leaves the optimizer untouched.
+        given = {k: v for k, v in param_group.items() if k != "params"}
+        group = {**self.defaults, **given}
+        self._prepare_group(group, given)
+        self._validate_group(group)
+        super().add_param_group({**param_group, **group})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+
+    # ---- state --------------------------------------------------------------------------------
+    def _buffers_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The buffers this group's configuration keeps (a subclass may drop some)."""
+        return self._buffers
+
+    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], dict[str, Any], list]:
+        """Parameters with a gradient, their gradients, state buffers (created lazily) and steps."""
+        name = type(self).__name__
+        kept = self._buffers_for(group)
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        buffers: dict[str, list[Tensor] | None] = {b: ([] if b in kept else None) for b in self._buffers}
+        scalars: dict[str, list[Tensor]] = {s: [] for s in self._scalars}
+        steps: list[Tensor] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients; use dense gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = _new_step()
+                for s, factory in self._scalars.items():
+                    state[s] = factory()
+            for b in kept:
+                if b not in state:  # new, or a buffer this group's settings started to need
+                    state[b] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+                buffers[b].append(state[b])  # type: ignore[union-attr]
+            params.append(p)
+            grads.append(p.grad)
+            steps.append(state["step"])
+            for s in self._scalars:
+                scalars[s].append(state[s])
+        return params, grads, {**buffers, **scalars}, steps
+
+    def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        return default_foreach(params) if group["foreach"] is None else group["foreach"]
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: dict[str, Any],
+        steps: list[Tensor],
+        foreach: bool,
+    ) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, state, steps = self._collect(group)
+            if params:
+                self._update_group(group, params, grads, state, steps, self._use_foreach(group, params))
+        return loss
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by the same optimizer class, exactly.
+
+        Everything is checked before anything changes, so a state dict that does not fit raises
+        ``ValueError`` and leaves the optimizer as it was. Unlike ``torch.optim``'s loader, state
+        buffers keep their saved precision (float32 for bf16 parameters) instead of being cast to
+        the parameter's dtype, and are copied, never aliased with the loaded dict.
+        """
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups, id_map = self._check_state_dict(state_dict)
+
+        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                continue
+            param = id_map[key]
+            state[param] = {name: self._restore_state_value(param, name, v) for name, v in value.items()}
+        # keep state that belongs to no parameter, as torch does
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                state[key] = deepcopy(value)
+
+        new_groups = []
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            new_groups.append(saved)
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _restore_state_value(self, param: Tensor, name: str, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return deepcopy(value)
+        if name == "step" or name in self._scalars:
+            return value.detach().to(device="cpu", copy=True)
+        return value.detach().to(device=param.device, dtype=state_dtype(param), copy=True)
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[Any, Tensor]]:
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}.load_state_dict: the state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"{name}.load_state_dict: parameter group {i} has {len(saved['params'])} parameters "
+                    f"in the state dict and {len(group['params'])} in this optimizer"
+                )
+            missing = sorted(k for k in self.defaults if k not in saved and k not in ("foreach", "maximize"))
+            if missing:
+                raise ValueError(
+                    f"{name}.load_state_dict: parameter group {i} lacks {missing}; "
+                    f"is this state dict from another optimizer?"
+                )
+            try:
+                self._validate_group({**self.defaults, **saved})
+            except ValueError as err:
+                raise ValueError(f"{name}.load_state_dict: parameter group {i}: {err}") from err
+        id_map: dict[Any, Tensor] = {}
+        group_of: dict[Any, dict[str, Any]] = {}
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            for pid, p in zip(saved["params"], group["params"], strict=True):
+                id_map[pid] = p
+                group_of[pid] = saved
+        for pid, value in state_dict["state"].items():
+            if pid not in id_map:
+                continue
+            self._check_param_state(pid, id_map[pid], value, {**self.defaults, **group_of[pid]})
+        return saved_groups, id_map
+
+    def _check_param_state(self, pid: Any, param: Tensor, value: Any, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        where = f"{name}.load_state_dict: state of parameter {pid}"
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} is not a dict")
+        required = {"step", *self._buffers_for(group), *self._scalars}
+        allowed = {"step", *self._buffers, *self._scalars}
+        if not value:
+            return  # a parameter that has not been stepped yet
+        missing, unknown = sorted(required - value.keys()), sorted(value.keys() - allowed)
+        if missing or unknown:
+            raise ValueError(
+                f"{where}: missing {missing}, unexpected {unknown}; expected keys {sorted(required)} "
+                f"(is this state dict from another optimizer?)"
+            )
+        step = value["step"]
+        step_value = step.item() if isinstance(step, Tensor) and step.numel() == 1 else step
+        if (
+            isinstance(step_value, bool)
+            or not isinstance(step_value, (int, float))
+            or not (math.isfinite(step_value) and step_value >= 0 and float(step_value).is_integer())
+        ):
+            raise ValueError(f"{where}: 'step' must be a whole number >= 0, got {step!r}")
+        for key in value.keys() & set(self._buffers):
+            buf = value[key]
+            if not isinstance(buf, Tensor) or buf.shape != param.shape:
+                shape = tuple(buf.shape) if isinstance(buf, Tensor) else type(buf).__name__
+                raise ValueError(f"{where}: '{key}' has shape {shape}, the parameter {tuple(param.shape)}")
+            if buf.is_complex() != param.is_complex() or not (buf.is_floating_point() or buf.is_complex()):
+                raise ValueError(f"{where}: '{key}' has dtype {buf.dtype}, incompatible with {param.dtype}")

@@ -1,0 +1,273 @@
+"""Runs an elementwise update rule over parameters, one tensor at a time or as tensor lists.
+
+Each optimizer states its math once, as a *rule* written against an ``ops`` object. ``TensorOps``
+applies each operation to a single tensor; ``ListOps`` applies it to a list of tensors with one
+``torch._foreach_*`` call. Both paths therefore execute the same operations in the same order, which
+is what makes the single-tensor and multi-tensor (``foreach``) results agree.
+
+The driver also does the bookkeeping every optimizer shares:
+
+* advances each parameter's ``step`` (a 0-d CPU tensor, as in ``torch.optim``) and hands the rule
+  the new value ``t`` as a Python number, so bias corrections and schedules are exact doubles;
+* views complex tensors as pairs of reals (``torch.view_as_real``), as ``torch.optim`` does;
+* negates the gradient for ``maximize``;
+* when the state is kept in higher precision than the parameter (bf16/fp16 parameters, float32
+  state), runs the rule on float32 copies of the parameter and gradient and rounds the result back
+  into the parameter's own dtype once, at the end of the step;
+* for ``foreach``, buckets tensors by device, dtypes and step count, so that every bucket shares
+  the same scalar hyperparameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+Buffers = Mapping[str, "Sequence[Tensor] | None"]
+
+
+class Rule(Protocol):
+    """An update rule: mutates ``p`` and the state buffers in place for the 1-based step ``t``."""
+
+    def __call__(self, ops: Any, t: float, p: Any, g: Any, **buffers: Any) -> None: ...
+
+
+class TensorOps:
+    """The rule's operations on single tensors."""
+
+    @staticmethod
+    def mul_(x: Tensor, y: float | Tensor) -> None:
+        x.mul_(y)
+
+    @staticmethod
+    def mul(x: Tensor, y: Tensor) -> Tensor:
+        return torch.mul(x, y)
+
+    @staticmethod
+    def add_(x: Tensor, y: Tensor, alpha: float = 1.0) -> None:
+        x.add_(y, alpha=alpha)
+
+    @staticmethod
+    def add(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
+        return torch.add(x, y, alpha=alpha)
+
+    @staticmethod
+    def add_scalar_(x: Tensor, value: float) -> None:
+        x.add_(value)
+
+    @staticmethod
+    def sub(x: Tensor, y: Tensor) -> Tensor:
+        return torch.sub(x, y)
+
+    @staticmethod
+    def sub_(x: Tensor, y: Tensor) -> None:
+        x.sub_(y)
+
+    @staticmethod
+    def addcmul_(x: Tensor, a: Tensor, b: Tensor, value: float) -> None:
+        x.addcmul_(a, b, value=value)
+
+    @staticmethod
+    def addcdiv_(x: Tensor, a: Tensor, b: Tensor, value: float) -> None:
+        x.addcdiv_(a, b, value=value)
+
+    @staticmethod
+    def div_(x: Tensor, y: float | Tensor) -> None:
+        x.div_(y)
+
+    @staticmethod
+    def div(x: Tensor, y: float) -> Tensor:
+        return torch.div(x, y)
+
+    @staticmethod
+    def sqrt(x: Tensor) -> Tensor:
+        return torch.sqrt(x)
+
+    @staticmethod
+    def reciprocal_(x: Tensor) -> None:
+        x.reciprocal_()
+
+    @staticmethod
+    def abs_(x: Tensor) -> None:
+        x.abs_()
+
+    @staticmethod
+    def sigmoid_(x: Tensor) -> None:
+        x.sigmoid_()
+
+    @staticmethod
+    def minimum_(x: Tensor, y: Tensor) -> None:
+        torch.minimum(x, y, out=x)
+
+    @staticmethod
+    def copy_(x: Tensor, y: Tensor) -> None:
+        x.copy_(y)
+
+    @staticmethod
+    def clone(x: Tensor) -> Tensor:
+        return x.clone()
+
+
+class ListOps:
+    """The same operations on lists of tensors, one ``torch._foreach_*`` call each."""
+
+    @staticmethod
+    def mul_(x: list[Tensor], y: float | list[Tensor]) -> None:
+        torch._foreach_mul_(x, y)
+
+    @staticmethod
+    def mul(x: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+        return list(torch._foreach_mul(x, y))
+
+    @staticmethod
+    def add_(x: list[Tensor], y: list[Tensor], alpha: float = 1.0) -> None:
+        torch._foreach_add_(x, y, alpha=alpha)
+
+    @staticmethod
+    def add(x: list[Tensor], y: list[Tensor], alpha: float = 1.0) -> list[Tensor]:
+        return list(torch._foreach_add(x, y, alpha=alpha))
+
+    @staticmethod
+    def add_scalar_(x: list[Tensor], value: float) -> None:
+        torch._foreach_add_(x, value)
+
+    @staticmethod
+    def sub(x: list[Tensor], y: list[Tensor]) -> list[Tensor]:
+        return list(torch._foreach_sub(x, y))
+
+    @staticmethod
+    def sub_(x: list[Tensor], y: list[Tensor]) -> None:
+        torch._foreach_sub_(x, y)
+
+    @staticmethod
+    def addcmul_(x: list[Tensor], a: list[Tensor], b: list[Tensor], value: float) -> None:
+        torch._foreach_addcmul_(x, a, b, value=value)
+
+    @staticmethod
+    def addcdiv_(x: list[Tensor], a: list[Tensor], b: list[Tensor], value: float) -> None:
+        torch._foreach_addcdiv_(x, a, b, value=value)
+
+    @staticmethod
+    def div_(x: list[Tensor], y: float | list[Tensor]) -> None:
+        torch._foreach_div_(x, y)
+
+    @staticmethod
+    def div(x: list[Tensor], y: float) -> list[Tensor]:
+        return list(torch._foreach_div(x, y))
+
+    @staticmethod
+    def sqrt(x: list[Tensor]) -> list[Tensor]:
+        return list(torch._foreach_sqrt(x))
+
+    @staticmethod
+    def reciprocal_(x: list[Tensor]) -> None:
+        torch._foreach_reciprocal_(x)
+
+    @staticmethod
+    def abs_(x: list[Tensor]) -> None:
+        torch._foreach_abs_(x)
+
+    @staticmethod
+    def sigmoid_(x: list[Tensor]) -> None:
+        torch._foreach_sigmoid_(x)
+
+    @staticmethod
+    def minimum_(x: list[Tensor], y: list[Tensor]) -> None:
+        torch._foreach_minimum_(x, y)
+
+    @staticmethod
+    def copy_(x: list[Tensor], y: list[Tensor]) -> None:
+        torch._foreach_copy_(x, y)
+
+    @staticmethod
+    def clone(x: list[Tensor]) -> list[Tensor]:
+        return [t.clone() for t in x]
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def default_foreach(params: Sequence[Tensor]) -> bool:
+    """``torch.optim``'s rule: multi-tensor where every parameter is on a device with native
+    ``_foreach`` kernels (CUDA and friends); on CPU the single-tensor path is as fast."""
+    try:
+        from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+        devices = set(_get_foreach_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - private API moved
+        devices = {"cuda"}
+    return bool(params) and all(
+        type(p) in (Tensor, torch.nn.Parameter) and p.device.type in devices for p in params
+    )
+
+
+def advance_steps(state_steps: Sequence[Tensor]) -> list[float]:
+    """Increment every step counter and return the new values as Python numbers."""
+    values = []
+    for step in state_steps:
+        step.add_(1)
+        values.append(step.item())
+    return values
+
+
+def run_rule(
+    rule: Callable[..., None],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Buffers,
+    state_steps: Sequence[Tensor],
+    *,
+    foreach: bool,
+    maximize: bool,
+) -> None:
+    """Advance the steps and apply ``rule`` to every parameter, single-tensor or multi-tensor.
+
+    ``buffers`` maps each state name the rule takes to a list aligned with ``params`` (or to
+    ``None`` for a buffer this configuration does not keep). The working precision of each
+    parameter is the dtype of its state buffers.
+    """
+    if not params:
+        return
+    steps = advance_steps(state_steps)
+    names = [name for name, tensors in buffers.items() if tensors is not None]
+    absent = {name: None for name, tensors in buffers.items() if tensors is None}
+    reference = names[0]  # every rule keeps at least one full-size buffer
+
+    def work_tensors(i: int) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        p = _real(params[i])
+        state = {name: _real(buffers[name][i]) for name in names}  # type: ignore[index]
+        dtype = state[reference].dtype
+        g = _real(grads[i])
+        g = g.to(dtype) if g.dtype != dtype else g
+        pw = p.to(dtype) if p.dtype != dtype else p
+        return p, pw, g, state
+
+    if not foreach:
+        for i in range(len(params)):
+            p, pw, g, state = work_tensors(i)
+            if maximize:
+                g = torch.neg(g)
+            rule(TensorOps, steps[i], pw, g, **state, **absent)
+            if pw is not p:
+                p.copy_(pw)
+        return
+
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        key = (p.device, p.dtype, buffers[reference][i].dtype, steps[i])  # type: ignore[index]
+        buckets.setdefault(key, []).append(i)
+    for (_, _, _, t), indices in buckets.items():
+        prepared = [work_tensors(i) for i in indices]
+        originals = [item[0] for item in prepared]
+        pw = [item[1] for item in prepared]
+        g = [item[2] for item in prepared]
+        state = {name: [item[3][name] for item in prepared] for name in names}
+        if maximize:
+            g = list(torch._foreach_neg(g))
+        rule(ListOps, t, pw, g, **state, **absent)
+        if pw[0] is not originals[0]:
+            torch._foreach_copy_(originals, pw)

@@ -1,0 +1,73 @@
+"""Hyperparameter checks: each raises ``ValueError`` naming the parameter and its allowed range.
+
+Nothing is clamped or coerced: a value out of range is an error, never silently fixed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def _as_real(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{name} must be a real number or a one-element tensor, got {value!r}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """``value`` must be a finite real number >= 0 (``lr`` may also be a one-element tensor)."""
+    x = _as_real(name, value)
+    if not (math.isfinite(x) and x >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_beta(name: str, value: Any) -> None:
+    """An EMA coefficient: a real number in [0, 1)."""
+    x = _as_real(name, value)
+    if not 0.0 <= x < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_betas(value: Any, count: int) -> None:
+    """``betas``: a sequence of ``count`` numbers, each in [0, 1)."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != count:
+        raise ValueError(f"betas must be a tuple of {count} numbers, each in [0, 1), got {value!r}")
+    for i, beta in enumerate(value):
+        check_beta(f"betas[{i}]", beta)
+
+
+def check_warmup(name: str, value: Any) -> None:
+    """A warm-up length in steps: ``None`` (no warm-up) or an integer >= 1."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be None or an integer >= 1 (a number of steps), got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_foreach(value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"foreach must be None, True or False, got {value!r}")
+
+
+def check_common(group: dict[str, Any], beta_count: int) -> None:
+    """The hyperparameters every longmem optimizer has."""
+    check_nonnegative("lr", group["lr"])
+    check_betas(group["betas"], beta_count)
+    check_nonnegative("eps", group["eps"])
+    check_nonnegative("weight_decay", group["weight_decay"])
+    check_bool("maximize", group["maximize"])
+    check_foreach(group["foreach"])

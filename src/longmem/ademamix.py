@@ -1,0 +1,261 @@
+"""AdEMAMix: Adam with a mixture of a fast and a very slow gradient EMA.
+
+Pagliardini, Ablin, Grangier, "The AdEMAMix Optimizer: Better, Faster, Older", 2024,
+https://arxiv.org/abs/2409.03137 (authors' code: apple/ml-ademamix). For step ``t`` (1-based)::
+
+    alpha_t = alpha * min(t / T_alpha, 1)
+    beta3_t = exp(1 / ((1 - s) / ln(beta1) + s / ln(beta3))),  s = min(t / T_beta3, 1)
+    m1 = beta1 * m1 + (1 - beta1) * g            (beta1 == 0: no m1 buffer, m1 := g)
+    m2 = beta3_t * m2 + (1 - beta3_t) * g        (never bias-corrected)
+    nu = beta2 * nu + (1 - beta2) * g^2
+    p  = p - lr * ((m1 / (1 - beta1^t) + alpha_t * m2) / (sqrt(nu / (1 - beta2^t)) + eps) + wd * p)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _validation as check
+from ._base import LongMemOptimizer, ParamsT, state_dtype
+from ._elementwise import default_foreach, run_rule
+from .schedules import alpha_schedule, beta_halflife_schedule
+
+__all__ = ["AdEMAMix", "ademamix"]
+
+
+class AdEMAMix(LongMemOptimizer):
+    """AdEMAMix (arXiv:2409.03137), with the paper's alpha and beta3 warm-up schedulers.
+
+    Args:
+        params: parameters or parameter groups to optimize.
+        lr: learning rate (a float or a 0-d tensor); as for AdamW.
+        betas: ``(beta1, beta2, beta3)``: fast EMA, second moment, slow EMA coefficients.
+            ``beta1 = 0`` keeps no fast-EMA buffer (the state size of AdamW).
+        alpha: weight of the slow EMA in the update (the paper recommends 4 to 10).
+        beta3_warmup: steps over which beta3's half-life grows from beta1's to beta3's
+            (None: beta3 from the start). The paper sets it to the total number of steps.
+        alpha_warmup: steps over which alpha grows linearly from 0 (None: no warm-up).
+        eps: added to the bias-corrected ``sqrt(nu)``.
+        weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``.
+        foreach: multi-tensor implementation (default: where the device has native kernels).
+        maximize: maximize the objective instead of minimizing it.
+
+    State per parameter: ``step``, ``exp_avg_fast`` (m1), ``exp_avg_slow`` (m2), ``exp_avg_sq`` (nu),
+    float32 for bf16/fp16 parameters.
+    """
+
+    _buffers = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+        alpha: float = 2.0,
+        beta3_warmup: int | None = None,
+        alpha_warmup: int | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            alpha=alpha,
+            beta3_warmup=beta3_warmup,
+            alpha_warmup=alpha_warmup,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check.check_common(group, 3)
+        check.check_nonnegative("alpha", group["alpha"])
+        check.check_warmup("beta3_warmup", group["beta3_warmup"])
+        check.check_warmup("alpha_warmup", group["alpha_warmup"])
+
+    def _buffers_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        if group["betas"][0] == 0.0:
+            return self._buffers[1:]
+        return self._buffers
+
+    def _update_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        state: dict[str, Any],
+        steps: list[Tensor],
+        foreach: bool,
+    ) -> None:
+        beta1, beta2, beta3 = group["betas"]
+        ademamix(
+            params,
+            grads,
+            state["exp_avg_fast"],
+            state["exp_avg_slow"],
+            state["exp_avg_sq"],
+            steps,
+            foreach=foreach,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            beta3=beta3,
+            alpha=group["alpha"],
+            beta3_warmup=group["beta3_warmup"],
+            alpha_warmup=group["alpha_warmup"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )
+
+    @classmethod
+    def from_adamw(cls, adamw: torch.optim.Optimizer, **overrides: Any) -> AdEMAMix:
+        """Switch a run from ``torch.optim.AdamW`` (or Adam without weight decay) to AdEMAMix.
+
+        As in the paper's AdamW-to-AdEMAMix experiment: each parameter keeps its first moment
+        (as m1), its second moment (as nu) and its step count; the slow EMA m2 starts at zero.
+        Each group keeps its lr, beta1, beta2, eps and weight decay; ``overrides`` (for example
+        ``alpha``, ``betas``, ``beta3_warmup``) apply to every group. The schedules count the
+        kept step ``t``, so set ``alpha_warmup``/``beta3_warmup`` in steps of the whole run.
+        """
+        groups = []
+        for group in adamw.param_groups:
+            if group.get("amsgrad", False):
+                raise ValueError("from_adamw: amsgrad=True keeps a max_exp_avg_sq that AdEMAMix cannot use")
+            if group.get("maximize", False) != overrides.get("maximize", group.get("maximize", False)):
+                raise ValueError("from_adamw: maximize cannot change when switching optimizers")
+            decoupled = isinstance(adamw, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+            if group["weight_decay"] != 0 and not decoupled:
+                raise ValueError(
+                    "from_adamw: the optimizer uses coupled (L2) weight decay; AdEMAMix's is "
+                    "decoupled, as AdamW's"
+                )
+            b1, b2 = group["betas"]
+            new = {
+                "params": group["params"],
+                "lr": group["lr"],
+                "eps": group["eps"],
+                "weight_decay": group["weight_decay"],
+                "maximize": group.get("maximize", False),
+                "betas": (b1, b2, 0.9999),
+            }
+            new.update(overrides)
+            groups.append(new)
+        new_opt = cls(groups)
+        for group in new_opt.param_groups:
+            if group["betas"][0] == 0.0:
+                raise ValueError("from_adamw: betas[0] must be > 0 to carry AdamW's first moment over")
+            for p in group["params"]:
+                old = adamw.state.get(p)
+                if not old:
+                    continue
+                dtype = state_dtype(p)
+                new_opt.state[p] = {
+                    "step": torch.as_tensor(old["step"], dtype=torch.float32).detach().to("cpu", copy=True),
+                    "exp_avg_fast": old["exp_avg"].detach().to(p.device, dtype, copy=True),
+                    "exp_avg_slow": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+                    "exp_avg_sq": old["exp_avg_sq"].detach().to(p.device, dtype, copy=True),
+                }
+        return new_opt
+
+
+def _ademamix_rule(
+    ops: Any,
+    t: float,
+    p: Any,
+    g: Any,
+    exp_avg_fast: Any,
+    exp_avg_slow: Any,
+    exp_avg_sq: Any,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    beta3_warmup: int | None,
+    alpha_warmup: int | None,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    alpha_t = alpha_schedule(t, alpha, alpha_warmup)
+    beta3_t = beta_halflife_schedule(t, beta1, beta3, beta3_warmup)
+    bias_correction1 = 1.0 - beta1**t
+    bias_correction2 = 1.0 - beta2**t
+
+    if exp_avg_fast is not None:
+        ops.mul_(exp_avg_fast, beta1)
+        ops.add_(exp_avg_fast, g, alpha=1.0 - beta1)
+        fast = exp_avg_fast
+    else:
+        fast = g
+    ops.mul_(exp_avg_slow, beta3_t)
+    ops.add_(exp_avg_slow, g, alpha=1.0 - beta3_t)
+    ops.mul_(exp_avg_sq, beta2)
+    ops.addcmul_(exp_avg_sq, g, g, value=1.0 - beta2)
+
+    denom = ops.sqrt(exp_avg_sq)
+    ops.div_(denom, math.sqrt(bias_correction2))
+    ops.add_scalar_(denom, eps)
+    update = ops.div(fast, bias_correction1)
+    ops.add_(update, exp_avg_slow, alpha=alpha_t)
+    ops.div_(update, denom)
+    if weight_decay != 0.0:
+        ops.add_(update, p, alpha=weight_decay)
+    ops.add_(p, update, alpha=-lr)
+
+
+def ademamix(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avg_fasts: Sequence[Tensor] | None,
+    exp_avg_slows: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    foreach: bool | None = None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    beta3_warmup: int | None,
+    alpha_warmup: int | None,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """Functional AdEMAMix step (see :class:`AdEMAMix`); ``exp_avg_fasts`` is None when beta1 == 0."""
+    rule = partial(
+        _ademamix_rule,
+        lr=float(lr),
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
+        alpha=alpha,
+        beta3_warmup=beta3_warmup,
+        alpha_warmup=alpha_warmup,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
+    run_rule(
+        rule,
+        params,
+        grads,
+        {"exp_avg_sq": exp_avg_sqs, "exp_avg_fast": exp_avg_fasts, "exp_avg_slow": exp_avg_slows},
+        state_steps,
+        foreach=default_foreach(params) if foreach is None else foreach,
+        maximize=maximize,
+    )
