@@ -1,0 +1,116 @@
+"""Bad hyperparameters raise ValueError naming the parameter, in the constructor and in add_param_group."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import longmem
+
+NAN = math.nan
+NAMES = ["AdEMAMix", "SimplifiedAdEMAMix", "AdaMod", "DiffGrad", "DiffMod"]
+
+COMMON = [
+    ("lr", -1e-3), ("lr", NAN), ("lr", -math.inf),
+    ("eps", -1e-8), ("eps", NAN),
+    ("weight_decay", -0.1), ("weight_decay", NAN),
+]
+
+
+def _two_betas_bad():
+    return [("betas", b) for b in [(1.0, 0.999), (-0.1, 0.999), (0.9, 1.0), (0.9, 1.5), (0.9, -1e-3),
+                                   (NAN, 0.999), (0.9, NAN), (0.9,), (0.9, 0.99, 0.999), ()]]
+
+
+WARMUP_BAD = [0, -1, -10, 2.5, True, False, NAN]
+
+CASES = {
+    "AdEMAMix": [
+        *COMMON,
+        *[("betas", b) for b in [(1.0, 0.999, 0.9999), (-0.1, 0.999, 0.9999), (0.9, 1.0, 0.9999),
+                                 (0.9, NAN, 0.9999), (0.9, 0.999), (0.9, 0.999, 0.9999, 0.9), (0.9,)]],
+        # the third beta may be reported as "betas" or "beta3"
+        *[("betas|beta3", b) for b in [(0.9, 0.999, 1.0), (0.9, 0.999, -0.5), (0.9, 0.999, NAN)]],
+        ("alpha", -1.0), ("alpha", NAN),
+        *[("beta3_warmup", w) for w in WARMUP_BAD],
+        *[("alpha_warmup", w) for w in WARMUP_BAD],
+    ],
+    "SimplifiedAdEMAMix": [
+        *COMMON, *_two_betas_bad(),
+        ("alpha", -0.5), ("alpha", NAN),
+        *[("beta1_warmup", w) for w in WARMUP_BAD],
+        ("min_beta1", -0.1), ("min_beta1", 1.0), ("min_beta1", NAN),
+    ],
+    "AdaMod": [
+        *COMMON, *_two_betas_bad(),
+        ("beta3", -0.1), ("beta3", 1.0), ("beta3", 1.5), ("beta3", NAN),
+    ],
+    "DiffGrad": [*COMMON, *_two_betas_bad()],
+    "DiffMod": [
+        *COMMON, *_two_betas_bad(),
+        ("len_memory", 0), ("len_memory", -3), ("len_memory", 0.5), ("len_memory", NAN),
+        ("beta3", -0.1), ("beta3", 1.0), ("beta3", NAN),
+    ],
+}
+
+FLAT = [(name, key, value) for name, cases in CASES.items() for key, value in cases]
+FLAT_IDS = [f"{name}-{key}={value!r}" for name, key, value in FLAT]
+
+
+def _param():
+    return torch.nn.Parameter(torch.zeros(3))
+
+
+@pytest.mark.parametrize(("name", "key", "value"), FLAT, ids=FLAT_IDS)
+def test_constructor_rejects(name, key, value):
+    kwarg = key.split("|")[0]
+    with pytest.raises(ValueError, match=key):
+        getattr(longmem, name)([_param()], **{kwarg: value})
+
+
+@pytest.mark.parametrize(("name", "key", "value"), FLAT, ids=FLAT_IDS)
+def test_add_param_group_rejects(name, key, value):
+    p, q = _param(), _param()
+    opt = getattr(longmem, name)([p], lr=1e-3)
+    before = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    with pytest.raises(ValueError, match=key):
+        opt.add_param_group({"params": [q], key.split("|")[0]: value})
+    assert len(opt.param_groups) == 1
+    assert opt.param_groups[0]["params"] == [p]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == before
+    # q was not registered anywhere: it can still be added with good values
+    opt.add_param_group({"params": [q]})
+    assert len(opt.param_groups) == 2
+
+
+def test_diffmod_len_memory_and_beta3_are_exclusive():
+    with pytest.raises(ValueError, match="len_memory") as info:
+        longmem.DiffMod([_param()], len_memory=10, beta3=0.9)
+    assert "beta3" in str(info.value)
+    opt = longmem.DiffMod([_param()], len_memory=10)
+    with pytest.raises(ValueError, match=r"len_memory|beta3"):
+        opt.add_param_group({"params": [_param()], "len_memory": 5, "beta3": 0.5})
+    assert len(opt.param_groups) == 1
+
+
+GOOD = {
+    "AdEMAMix": dict(lr=0.0, eps=0.0, weight_decay=0.0, alpha=0.0, betas=(0.0, 0.0, 0.0), beta3_warmup=1,
+                     alpha_warmup=1),
+    "SimplifiedAdEMAMix": dict(lr=0.0, eps=0.0, alpha=0.0, betas=(0.0, 0.0), beta1_warmup=1, min_beta1=0.0,
+                               bias_correction1=True, bias_correction2=False),
+    "AdaMod": dict(lr=0.0, eps=0.0, betas=(0.0, 0.0), beta3=0.0),
+    "DiffGrad": dict(lr=0.0, eps=0.0, betas=(0.0, 0.0)),
+    "DiffMod": dict(lr=0.0, eps=0.0, betas=(0.0, 0.0), len_memory=1),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_boundary_values_are_accepted(name):
+    """Control: the edges of the allowed ranges are fine (and a step with them runs)."""
+    p = _param()
+    opt = getattr(longmem, name)([p], **GOOD[name])
+    p.grad = torch.ones(3)
+    opt.step()
+    assert torch.isfinite(p).all()
