@@ -8,8 +8,20 @@ from .adamod import AdaMod
 from .ademamix import AdEMAMix
 from .diffgrad import DiffGrad
 from .diffmod import DiffMod
+from .registry import create_optimizer, get_optimizer_class, list_optimizers, param_groups
 from .simplified_ademamix import SimplifiedAdEMAMix
 
 __version__ = "0.1.0"
 
-__all__ = ["AdEMAMix", "AdaMod", "DiffGrad", "DiffMod", "SimplifiedAdEMAMix", "__version__"]
+__all__ = [
+    "AdEMAMix",
+    "AdaMod",
+    "DiffGrad",
+    "DiffMod",
+    "SimplifiedAdEMAMix",
+    "__version__",
+    "create_optimizer",
+    "get_optimizer_class",
+    "list_optimizers",
+    "param_groups",
+]

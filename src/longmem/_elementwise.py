@@ -20,6 +20,7 @@ The driver also does the bookkeeping every optimizer shares:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -191,6 +192,56 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    # No DTensor can exist unless torch.distributed.tensor was imported: no import cost otherwise.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local_shards(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The local shards of a DTensor parameter, its gradient and its state (FSDP2, tensor parallel).
+
+    The rules are elementwise, so each rank updates its own shard; the gradient is first laid out
+    as the parameter if it is not (for example a ``Partial`` gradient: a collective, as DTensor's own
+    dispatch would do). State is created (and loaded) with the parameter's layout; anything else is
+    an error rather than a silent mix-up of shards.
+    """
+    spec = (p.device_mesh, tuple(p.placements))
+    if not _is_dtensor(g):
+        raise RuntimeError("a DTensor parameter has a plain-tensor gradient; expected a DTensor gradient")
+    if (g.device_mesh, tuple(g.placements)) != spec:
+        g = g.redistribute(p.device_mesh, p.placements)
+    for name, buf in state.items():
+        if not _is_dtensor(buf) or (buf.device_mesh, tuple(buf.placements)) != spec:
+            raise RuntimeError(
+                f"optimizer state '{name}' is not laid out as its DTensor parameter ({spec[1]}); load "
+                "sharded checkpoints with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
+            )
+    return p.to_local(), g.to_local(), {name: buf.to_local() for name, buf in state.items()}
+
+
+def _to_local(
+    params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Buffers
+) -> tuple[list[Tensor], list[Tensor], dict[str, list[Tensor] | None]]:
+    """Every DTensor parameter, with its gradient and state, replaced by its local shard: all paths
+    (per tensor, foreach, fused) then update each rank's shard in place."""
+    names = [name for name, tensors in buffers.items() if tensors is not None]
+    local_params: list[Tensor] = []
+    local_grads: list[Tensor] = []
+    local_buffers: dict[str, list[Tensor] | None] = {
+        name: (None if tensors is None else []) for name, tensors in buffers.items()
+    }
+    for i, p in enumerate(params):
+        g, state = grads[i], {name: buffers[name][i] for name in names}  # type: ignore[index]
+        if _is_dtensor(p):
+            p, g, state = _local_shards(p, g, state)
+        local_params.append(p)
+        local_grads.append(g)
+        for name in names:
+            local_buffers[name].append(state[name])  # type: ignore[union-attr]
+    return local_params, local_grads, local_buffers
+
+
 def default_foreach(params: Sequence[Tensor]) -> bool:
     """``torch.optim``'s rule: multi-tensor where every parameter is on a device with native
     ``_foreach`` kernels (CUDA and friends); on CPU the single-tensor path is as fast."""
@@ -201,7 +252,8 @@ def default_foreach(params: Sequence[Tensor]) -> bool:
     except ImportError:  # pragma: no cover - private API moved
         devices = {"cuda"}
     return bool(params) and all(
-        type(p) in (Tensor, torch.nn.Parameter) and p.device.type in devices for p in params
+        (type(p) in (Tensor, torch.nn.Parameter) or _is_dtensor(p)) and p.device.type in devices
+        for p in params
     )
 
 
@@ -232,6 +284,8 @@ def run_rule(
     """
     if not params:
         return
+    if any(_is_dtensor(p) for p in params):
+        params, grads, buffers = _to_local(params, grads, buffers)
     steps = advance_steps(state_steps)
     names = [name for name, tensors in buffers.items() if tensors is not None]
     absent = {name: None for name, tensors in buffers.items() if tensors is None}
