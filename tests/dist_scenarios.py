@@ -123,17 +123,34 @@ def scenario_zero(rank: int, out: Path) -> dict[str, Any]:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    def build(model: nn.Module) -> ZeroRedundancyOptimizer:
+        kwargs = dict(CONFIGS["ademamix"])
+        groups = longmem.param_groups(model, kwargs.pop("weight_decay"))
+        return ZeroRedundancyOptimizer(groups, optimizer_class=longmem.AdEMAMix, **kwargs)
+
     model = make_model()
     ddp = DDP(model)
-    kwargs = dict(CONFIGS["ademamix"])
-    groups = longmem.param_groups(model, kwargs.pop("weight_decay"))
-    opt = ZeroRedundancyOptimizer(groups, optimizer_class=longmem.AdEMAMix, **kwargs)
+    opt = build(model)
     owned = sum(p.numel() for group in opt.optim.param_groups for p in group["params"])
     train(ddp, opt, range(STEPS), rank)
     opt.consolidate_state_dict(to=0)
     result: dict[str, Any] = {"params": _params(model), "owned": owned}
+    # saved on rank 0, it loads back into a new ZeroRedundancyOptimizer and goes on identically
     if rank == 0:
-        result["state_dict"] = opt.state_dict()
+        torch.save(opt.state_dict(), out / "zero-optimizer.pt")  # (it holds live tensors of rank 0's share)
+    dist.barrier()
+    result["state_dict"] = torch.load(out / "zero-optimizer.pt", weights_only=True)
+    model2 = make_model()
+    with torch.no_grad():
+        for p, q in zip(model2.parameters(), model.parameters(), strict=True):
+            p.copy_(q)
+    ddp2 = DDP(model2)
+    opt2 = build(model2)
+    opt2.load_state_dict(torch.load(out / "zero-optimizer.pt", weights_only=True))  # (it edits its argument)
+    train(ddp, opt, range(STEPS, STEPS + 2), rank)
+    train(ddp2, opt2, range(STEPS, STEPS + 2), rank)
+    result["continued"] = _params(model)
+    result["reloaded"] = _params(model2)
     return result
 
 
@@ -203,6 +220,7 @@ def scenario_dcp(rank: int, out: Path) -> dict[str, Any]:
 
         model = _fsdp_model()
         opt = longmem.create_optimizer(name, model, **CONFIGS[name])
+        refused = _load_full_state_into_sharded(name, opt)
         loaded = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
         dcp.load(loaded, checkpoint_id=path)
         set_model_state_dict(model, loaded["model"])
@@ -216,8 +234,23 @@ def scenario_dcp(rank: int, out: Path) -> dict[str, Any]:
             "straight": straight,
             "resumed": resumed,
             "path": str(path),
+            "refused": refused,
         }
     return results
+
+
+def _load_full_state_into_sharded(name: str, opt: torch.optim.Optimizer) -> str | None:
+    """A plain (full-tensor) state dict loaded into an FSDP2 optimizer: the error it raises, if any."""
+    plain = make_model()
+    plain_opt = longmem.create_optimizer(name, plain, **CONFIGS[name])
+    train(plain, plain_opt, range(1), None)
+    try:
+        opt.load_state_dict(plain_opt.state_dict())
+    except ValueError as err:
+        if opt.state:
+            return f"raised but changed the optimizer: {err}"
+        return str(err)
+    return None
 
 
 SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {

@@ -128,6 +128,7 @@ def test_zero_redundancy_optimizer_matches_single_process(job: Job, references: 
     total = sum(p.numel() for p in model.parameters())
     assert 0 < got["owned"] < total, "ZeroRedundancyOptimizer did not partition the parameters"
     assert_tensors(got["params"], _named_params(model))
+    assert_tensors(got["reloaded"], got["continued"], exact=True)
 
 
 def test_zero_consolidated_state_dict_loads_into_one_process(job: Job, references: dict) -> None:
@@ -166,6 +167,13 @@ def test_fsdp2_fused_matches_single_process(job: Job, name: str) -> None:
     # sharded DTensors fall back from the fused kernel exactly when plain tensors do (no C compiler)
     assert got["warnings"] == [str(w.message) for w in caught]
     assert_tensors(got["params"], _named_params(model), tol=CLOSE_F32)
+
+
+@pytest.mark.parametrize("name", list(ds.CONFIGS))
+def test_full_state_dict_into_fsdp2_optimizer_is_refused(job: Job, name: str) -> None:
+    refused = result(job, "dcp")[name]["refused"]
+    assert refused is not None, "loading plain tensors as the state of DTensor parameters should fail"
+    assert "is a plain tensor, the parameter a DTensor" in refused and "set_optimizer_state_dict" in refused
 
 
 @pytest.mark.parametrize("name", list(ds.CONFIGS))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._elementwise import default_foreach
+from ._elementwise import _is_dtensor, default_foreach
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
 
@@ -196,7 +196,9 @@ class LongMemOptimizer(Optimizer):
                     f"{name}.load_state_dict: parameter group {i} has {len(saved['params'])} parameters "
                     f"in the state dict and {len(group['params'])} in this optimizer"
                 )
-            missing = sorted(k for k in self.defaults if k not in saved and k not in ("foreach", "maximize"))
+            # torch's __setstate__ (run by every load) adds "differentiable" to the defaults
+            optional = ("foreach", "maximize", "differentiable")
+            missing = sorted(k for k in self.defaults if k not in saved and k not in optional)
             if missing:
                 raise ValueError(
                     f"{name}.load_state_dict: parameter group {i} lacks {missing}; "
@@ -248,3 +250,10 @@ class LongMemOptimizer(Optimizer):
                 raise ValueError(f"{where}: '{key}' has shape {shape}, the parameter {tuple(param.shape)}")
             if buf.is_complex() != param.is_complex() or not (buf.is_floating_point() or buf.is_complex()):
                 raise ValueError(f"{where}: '{key}' has dtype {buf.dtype}, incompatible with {param.dtype}")
+            if _is_dtensor(buf) != _is_dtensor(param):
+                kind = {True: "a DTensor", False: "a plain tensor"}
+                raise ValueError(
+                    f"{where}: '{key}' is {kind[_is_dtensor(buf)]}, the parameter "
+                    f"{kind[_is_dtensor(param)]}; load sharded (FSDP2) state with "
+                    "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict"
+                )
