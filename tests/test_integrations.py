@@ -186,6 +186,7 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 1)).double()
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")  # inside lightning, not ours
 def test_lightning_configure_optimizers() -> None:
     pl = _lightning()
     from longmem.integrations import lightning as lml
