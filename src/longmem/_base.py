@@ -73,6 +73,7 @@ class LongMemOptimizer(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("maximize", False)
+            group.setdefault("fused", None)
 
     # ---- state --------------------------------------------------------------------------------
     def _buffers_for(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -120,6 +121,7 @@ class LongMemOptimizer(Optimizer):
         state: dict[str, Any],
         steps: list[Tensor],
         foreach: bool,
+        fused: bool,
     ) -> None:
         raise NotImplementedError
 
@@ -132,8 +134,12 @@ class LongMemOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params, grads, state, steps = self._collect(group)
-            if params:
-                self._update_group(group, params, grads, state, steps, self._use_foreach(group, params))
+            if not params:
+                continue
+            # fused groups run longmem.kernels (one pass over memory); the rest foreach or per tensor
+            fused = bool(group.get("fused"))
+            foreach = False if fused else self._use_foreach(group, params)
+            self._update_group(group, params, grads, state, steps, foreach, fused)
         return loss
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -197,7 +203,7 @@ class LongMemOptimizer(Optimizer):
                     f"in the state dict and {len(group['params'])} in this optimizer"
                 )
             # torch's __setstate__ (run by every load) adds "differentiable" to the defaults
-            optional = ("foreach", "maximize", "differentiable")
+            optional = ("foreach", "maximize", "fused", "differentiable")
             missing = sorted(k for k in self.defaults if k not in saved and k not in optional)
             if missing:
                 raise ValueError(

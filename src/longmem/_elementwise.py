@@ -15,7 +15,9 @@ The driver also does the bookkeeping every optimizer shares:
   state), runs the rule on float32 copies of the parameter and gradient and rounds the result back
   into the parameter's own dtype once, at the end of the step;
 * for ``foreach``, buckets tensors by device, dtypes and step count, so that every bucket shares
-  the same scalar hyperparameters.
+  the same scalar hyperparameters;
+* for ``fused``, hands the rule to ``longmem.kernels``, which traces it into a program that one
+  kernel runs in a single pass over memory (the same float32 operations in the same order).
 """
 
 from __future__ import annotations
@@ -275,18 +277,43 @@ def run_rule(
     *,
     foreach: bool,
     maximize: bool,
+    fused: bool = False,
 ) -> None:
-    """Advance the steps and apply ``rule`` to every parameter, single-tensor or multi-tensor.
+    """Advance the steps and apply ``rule`` to every parameter, single-tensor, multi-tensor or fused.
 
     ``buffers`` maps each state name the rule takes to a list aligned with ``params`` (or to
     ``None`` for a buffer this configuration does not keep). The working precision of each
-    parameter is the dtype of its state buffers.
+    parameter is the dtype of its state buffers. ``fused`` runs the rule in one pass over memory
+    (``longmem.kernels``); what the fused kernels cannot take runs the foreach path.
     """
     if not params:
         return
     if any(_is_dtensor(p) for p in params):
         params, grads, buffers = _to_local(params, grads, buffers)
-    steps = advance_steps(state_steps)
+    indices: Sequence[int] = range(len(params))
+    if fused:
+        from . import kernels  # imported on first use: plain optimizers never load it
+
+        steps = kernels.advance_steps(state_steps) or advance_steps(state_steps)
+        indices = kernels.run_fused(rule, params, grads, buffers, steps, maximize=maximize)
+        foreach = True
+    else:
+        steps = advance_steps(state_steps)
+    _apply(rule, params, grads, buffers, steps, indices, foreach=foreach, maximize=maximize)
+
+
+def _apply(
+    rule: Callable[..., None],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Buffers,
+    steps: Sequence[float],
+    indices: Sequence[int],
+    *,
+    foreach: bool,
+    maximize: bool,
+) -> None:
+    """Apply ``rule`` at the (already advanced) ``steps`` to the parameters at ``indices``."""
     names = [name for name, tensors in buffers.items() if tensors is not None]
     absent = {name: None for name, tensors in buffers.items() if tensors is None}
     reference = names[0]  # every rule keeps at least one full-size buffer
@@ -301,7 +328,7 @@ def run_rule(
         return p, pw, g, state
 
     if not foreach:
-        for i in range(len(params)):
+        for i in indices:
             p, pw, g, state = work_tensors(i)
             if maximize:
                 g = torch.neg(g)
@@ -311,11 +338,12 @@ def run_rule(
         return
 
     buckets: dict[tuple[Any, ...], list[int]] = {}
-    for i, p in enumerate(params):
+    for i in indices:
+        p = params[i]
         key = (p.device, p.dtype, buffers[reference][i].dtype, steps[i])  # type: ignore[index]
         buckets.setdefault(key, []).append(i)
-    for (_, _, _, t), indices in buckets.items():
-        prepared = [work_tensors(i) for i in indices]
+    for (_, _, _, t), bucket in buckets.items():
+        prepared = [work_tensors(i) for i in bucket]
         originals = [item[0] for item in prepared]
         pw = [item[1] for item in prepared]
         g = [item[2] for item in prepared]

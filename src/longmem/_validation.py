@@ -63,6 +63,14 @@ def check_foreach(value: Any) -> None:
         raise ValueError(f"foreach must be None, True or False, got {value!r}")
 
 
+def check_fused(fused: Any, foreach: Any) -> None:
+    """``fused``: None, True or False; not True together with ``foreach=True`` (as torch.optim)."""
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused must be None, True or False, got {fused!r}")
+    if fused and foreach:
+        raise ValueError("fused=True and foreach=True cannot both be set; choose one (fused is one pass)")
+
+
 def check_common(group: dict[str, Any], beta_count: int) -> None:
     """The hyperparameters every longmem optimizer has."""
     check_nonnegative("lr", group["lr"])
@@ -71,3 +79,4 @@ def check_common(group: dict[str, Any], beta_count: int) -> None:
     check_nonnegative("weight_decay", group["weight_decay"])
     check_bool("maximize", group["maximize"])
     check_foreach(group["foreach"])
+    check_fused(group.get("fused"), group["foreach"])

@@ -44,6 +44,8 @@ class AdaMod(LongMemOptimizer):
         weight_decay: decoupled weight decay, ``p *= 1 - lr * weight_decay``.
         foreach: multi-tensor implementation (default: where the device has native kernels).
         maximize: maximize the objective instead of minimizing it.
+        fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
+            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
 
     State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), ``exp_avg_lr`` (s).
     """
@@ -61,6 +63,7 @@ class AdaMod(LongMemOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -70,6 +73,7 @@ class AdaMod(LongMemOptimizer):
             weight_decay=weight_decay,
             foreach=foreach,
             maximize=maximize,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -85,6 +89,7 @@ class AdaMod(LongMemOptimizer):
         state: dict[str, Any],
         steps: list[Tensor],
         foreach: bool,
+        fused: bool,
     ) -> None:
         beta1, beta2 = group["betas"]
         adamod(
@@ -95,6 +100,7 @@ class AdaMod(LongMemOptimizer):
             state["exp_avg_lr"],
             steps,
             foreach=foreach,
+            fused=fused,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -157,6 +163,7 @@ def adamod(
     state_steps: Sequence[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -177,4 +184,5 @@ def adamod(
         state_steps,
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
+        fused=bool(fused),
     )

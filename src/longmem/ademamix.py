@@ -45,6 +45,8 @@ class AdEMAMix(LongMemOptimizer):
         weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``.
         foreach: multi-tensor implementation (default: where the device has native kernels).
         maximize: maximize the objective instead of minimizing it.
+        fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
+            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
 
     State per parameter: ``step``, ``exp_avg_fast`` (m1), ``exp_avg_slow`` (m2), ``exp_avg_sq`` (nu),
     float32 for bf16/fp16 parameters.
@@ -65,6 +67,7 @@ class AdEMAMix(LongMemOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -76,6 +79,7 @@ class AdEMAMix(LongMemOptimizer):
             weight_decay=weight_decay,
             foreach=foreach,
             maximize=maximize,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -98,6 +102,7 @@ class AdEMAMix(LongMemOptimizer):
         state: dict[str, Any],
         steps: list[Tensor],
         foreach: bool,
+        fused: bool,
     ) -> None:
         beta1, beta2, beta3 = group["betas"]
         ademamix(
@@ -108,6 +113,7 @@ class AdEMAMix(LongMemOptimizer):
             state["exp_avg_sq"],
             steps,
             foreach=foreach,
+            fused=fused,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -226,6 +232,7 @@ def ademamix(
     state_steps: Sequence[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -258,4 +265,5 @@ def ademamix(
         state_steps,
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
+        fused=bool(fused),
     )

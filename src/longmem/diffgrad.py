@@ -50,6 +50,8 @@ class DiffGrad(LongMemOptimizer):
         weight_decay: L2 penalty added to the gradient (as the authors' code; not decoupled).
         foreach: multi-tensor implementation (default: where the device has native kernels).
         maximize: maximize the objective instead of minimizing it.
+        fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
+            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``, ``previous_grad``.
     """
@@ -66,9 +68,16 @@ class DiffGrad(LongMemOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -83,6 +92,7 @@ class DiffGrad(LongMemOptimizer):
         state: dict[str, Any],
         steps: list[Tensor],
         foreach: bool,
+        fused: bool,
     ) -> None:
         beta1, beta2 = group["betas"]
         diffgrad(
@@ -93,6 +103,7 @@ class DiffGrad(LongMemOptimizer):
             state["previous_grad"],
             steps,
             foreach=foreach,
+            fused=fused,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -141,6 +152,7 @@ def diffgrad(
     state_steps: Sequence[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -158,4 +170,5 @@ def diffgrad(
         state_steps,
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
+        fused=bool(fused),
     )

@@ -62,6 +62,8 @@ class DiffMod(LongMemOptimizer):
         weight_decay: decoupled weight decay, ``p *= 1 - lr * weight_decay``.
         foreach: multi-tensor implementation (default: where the device has native kernels).
         maximize: maximize the objective instead of minimizing it.
+        fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
+            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``, ``exp_avg_lr``, ``previous_grad``.
     """
@@ -80,6 +82,7 @@ class DiffMod(LongMemOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        fused: bool | None = None,
     ) -> None:
         len_memory, beta3 = _resolve_memory(len_memory, beta3)
         defaults = dict(
@@ -91,6 +94,7 @@ class DiffMod(LongMemOptimizer):
             weight_decay=weight_decay,
             foreach=foreach,
             maximize=maximize,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -113,6 +117,7 @@ class DiffMod(LongMemOptimizer):
         state: dict[str, Any],
         steps: list[Tensor],
         foreach: bool,
+        fused: bool,
     ) -> None:
         beta1, beta2 = group["betas"]
         diffmod(
@@ -124,6 +129,7 @@ class DiffMod(LongMemOptimizer):
             state["previous_grad"],
             steps,
             foreach=foreach,
+            fused=fused,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -144,6 +150,7 @@ def diffmod(
     state_steps: Sequence[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -169,4 +176,5 @@ def diffmod(
         state_steps,
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
+        fused=bool(fused),
     )

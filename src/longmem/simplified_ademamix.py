@@ -58,6 +58,8 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
         bias_correction2: bias-correct the second moment.
         foreach: multi-tensor implementation (default: where the device has native kernels).
         maximize: maximize the objective instead of minimizing it.
+        fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
+            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
 
     State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (nu), ``num_sum`` (W_t, float64).
     """
@@ -80,6 +82,7 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -93,6 +96,7 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
             bias_correction2=bias_correction2,
             foreach=foreach,
             maximize=maximize,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -112,6 +116,7 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
         state: dict[str, Any],
         steps: list[Tensor],
         foreach: bool,
+        fused: bool,
     ) -> None:
         beta1, beta2 = group["betas"]
         simplified_ademamix(
@@ -122,6 +127,7 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
             state["num_sum"],
             steps,
             foreach=foreach,
+            fused=fused,
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -183,6 +189,7 @@ def simplified_ademamix(
     state_steps: Sequence[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     lr: float | Tensor,
     beta1: float,
     beta2: float,
@@ -200,7 +207,8 @@ def simplified_ademamix(
     weight_sums: dict[float, float] = {}
     for step, num_sum in zip(state_steps, num_sums, strict=True):
         t = step.item() + 1
-        num_sum.mul_(beta_halflife_schedule(t, min_beta1, beta1, beta1_warmup, log_eps=AUTHORS_LOG_EPS)).add_(1.0)
+        beta1_t = beta_halflife_schedule(t, min_beta1, beta1, beta1_warmup, log_eps=AUTHORS_LOG_EPS)
+        num_sum.mul_(beta1_t).add_(1.0)
         weight_sums[t] = num_sum.item()
     rule = partial(
         _simplified_ademamix_rule,
@@ -224,4 +232,5 @@ def simplified_ademamix(
         state_steps,
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
+        fused=bool(fused),
     )

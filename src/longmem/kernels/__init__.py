@@ -1,0 +1,125 @@
+"""Fused optimizer steps: each rule, traced once per step, runs in one pass over memory.
+
+``fused=True`` on an optimizer routes its parameters here. The rule is traced into a program of
+elementwise instructions (:mod:`.program`), which one kernel runs over every tensor:
+
+* CPU tensors: a C kernel built on first use and cached (:mod:`.cpu`);
+* CUDA tensors: a Triton kernel generated from the program (:mod:`.cuda`), when Triton is installed.
+
+What a kernel cannot take (float64 parameters, non-contiguous tensors, other devices, or a
+kernel that could not be built) runs the foreach path instead, which computes the same numbers.
+A kernel that cannot be built is reported once per process with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from . import cpu, program
+
+__all__ = ["FusedFallbackWarning", "advance_steps", "run_fused"]
+
+
+class FusedFallbackWarning(UserWarning):
+    """``fused=True`` could not use a fused kernel and ran the foreach path instead."""
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(message, FusedFallbackWarning, stacklevel=4)
+
+
+def reset() -> None:
+    """Forget loaded kernels, build failures and warnings already given (for tests)."""
+    _warned.clear()
+    cpu.reset()
+
+
+def _cpu_library() -> cpu.Library | None:
+    try:
+        return cpu.load()
+    except cpu.BuildError as err:
+        _warn_once(
+            "cpu",
+            "longmem: fused=True could not build its CPU kernel, so it runs the (slower) foreach path, "
+            f"with the same results. Install a C compiler or set LONGMEM_CC to one. Reason: {err}",
+        )
+        return None
+
+
+def advance_steps(state_steps: Sequence[Tensor]) -> list[float] | None:
+    """Increment the step counters in one kernel call; None if the kernel is not available or a
+    counter is not a 0-d float32 CPU tensor (the caller then does it with torch)."""
+    if not all(s.dtype == torch.float32 and s.device.type == "cpu" and s.dim() == 0 for s in state_steps):
+        return None
+    lib = _cpu_library()
+    if lib is None:
+        return None
+    return cpu.advance_steps(lib, state_steps)
+
+
+def run_fused(
+    rule: Callable[..., None],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Mapping[str, Sequence[Tensor] | None],
+    steps: Sequence[float],
+    *,
+    maximize: bool,
+) -> list[int]:
+    """Apply ``rule`` at each parameter's step with the fused kernels; steps are already advanced.
+
+    Returns the indices of the parameters it left for the caller's foreach path.
+    """
+    names = [name for name, tensors in buffers.items() if tensors is not None]
+    absent = [name for name, tensors in buffers.items() if tensors is None]
+    state = [buffers[name] for name in names]
+    on_cpu: dict[float, list[int]] = {}
+    on_cuda: dict[tuple[object, float], list[int]] = {}
+    left: list[int] = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        bufs = [s[i] for s in state]  # type: ignore[index]
+        device = p.device.type
+        if device == "cpu" and cpu.supports(p, g, bufs):
+            on_cpu.setdefault(steps[i], []).append(i)
+        elif device == "cuda":
+            on_cuda.setdefault((p.device, steps[i]), []).append(i)
+        else:
+            left.append(i)
+
+    if on_cpu and _cpu_library() is None:
+        left.extend(i for indices in on_cpu.values() for i in indices)
+        on_cpu = {}
+    for t, indices in on_cpu.items():
+        prog = program.trace(rule, t, names, absent)
+        cpu.run(
+            prog,
+            [params[i] for i in indices],
+            [grads[i] for i in indices],
+            [[s[i] for i in indices] for s in state],  # type: ignore[index]
+            maximize,
+        )
+
+    if on_cuda:
+        from . import cuda
+
+        for (_, t), indices in on_cuda.items():
+            prog = program.trace(rule, t, names, absent)
+            done = cuda.run(
+                prog,
+                [params[i] for i in indices],
+                [grads[i] for i in indices],
+                [[s[i] for i in indices] for s in state],  # type: ignore[index]
+                maximize,
+                warn=_warn_once,
+            )
+            left.extend(i for i, ok in zip(indices, done, strict=True) if not ok)
+    return sorted(left)

@@ -1,0 +1,443 @@
+"""The fused CPU kernels: C built on first use, cached on disk, loaded with ctypes.
+
+As DeepSpeed does for its CPU Adam, the C source ships with the package and is compiled on the
+user's machine, for the user's CPU (``-march=native``), the first time a fused step runs. Two kinds
+of kernel compute through the same operations (``longmem_ops.h``), so they agree bit for bit:
+
+* the generic kernel (``longmem_cpu.c``) runs any traced program, block by block;
+* a specialized kernel, generated from one program (:func:`specialized_source`), keeps every value
+  in registers and is about twice as fast; it is built the first time a program is seen (about a
+  second) and used from then on. Parameters whose gradient has another dtype use the generic one.
+
+Libraries are cached under ``$LONGMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/longmem``, else
+``~/.cache/longmem``, keyed by the source, the compiler and the CPU, so later processes load them
+in milliseconds. Each is written under a temporary name and renamed into place, so processes that
+build concurrently never see a partial file. The sources have no torch headers.
+``$LONGMEM_CC`` chooses the compiler (default ``$CC``, then ``cc``, ``gcc``, ``clang``).
+
+Work is split into equal runs of elements, one per thread (``torch.get_num_threads()``), run by a
+small persistent pool of Python threads: ctypes releases the GIL during a call, and no second
+OpenMP runtime is loaded into the process.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .program import OP_NAMES, Program
+
+KERNEL_DIR = Path(__file__).parent
+SOURCE = KERNEL_DIR / "longmem_cpu.c"
+HEADER = KERNEL_DIR / "longmem_ops.h"
+ABI_VERSION = 1
+#: flags that keep the arithmetic IEEE, as torch's own kernels: no -ffast-math, and no contraction
+#: of a*b+c into a fused multiply-add except where longmem_ops.h asks for one (where torch has one)
+BASE_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
+#: per-CPU tuning, tried in order until one compiles
+ARCH_FLAGS = (("-march=native",), ("-mcpu=native",), ())
+#: below this many elements a step runs on the calling thread alone
+PARALLEL_MIN_ELEMENTS = 1 << 16
+#: thread split points fall on multiples of this many elements within a tensor (whole cache lines)
+SPLIT_ALIGN = 64
+#: use kernels specialized to each program (False: the generic kernel only; for tests)
+SPECIALIZE = os.environ.get("LONGMEM_SPECIALIZE", "1") != "0"
+
+#: dtype -> (code in longmem_ops.h, float32 values per element)
+DTYPE_CODES = {
+    torch.float32: (0, 1),
+    torch.bfloat16: (1, 1),
+    torch.float16: (2, 1),
+    torch.complex64: (0, 2),  # viewed as float32 pairs, as torch.view_as_real
+    torch.complex32: (2, 2),
+}
+STATE_DTYPES = (torch.float32, torch.complex64)
+
+
+class BuildError(RuntimeError):
+    """A kernel could not be compiled or loaded."""
+
+
+# ---- building ----------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    if os.environ.get("LONGMEM_CACHE_DIR"):
+        return Path(os.environ["LONGMEM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "longmem"
+
+
+def find_compiler() -> str:
+    """The C compiler to use: ``$LONGMEM_CC``, ``$CC``, then the first of cc, gcc, clang on PATH."""
+    for name in (os.environ.get("LONGMEM_CC"), os.environ.get("CC")):
+        if name:
+            # an explicit choice is not second-guessed: if it is missing, the build fails
+            return shutil.which(name) or name
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise BuildError("no C compiler found (looked for $LONGMEM_CC, $CC, cc, gcc, clang)")
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the machine and, on Linux, the CPU's model and flags."""
+    parts = [platform.system(), platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part"):
+                    parts.append(line.strip())
+                if key == "" and len(parts) > 2:  # the first processor is enough
+                    break
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+class Builder:
+    """Compiles C sources into the cache, once per (source, compiler, CPU)."""
+
+    def __init__(self, compiler: str) -> None:
+        self.compiler = compiler
+        h = hashlib.sha256()
+        h.update(HEADER.read_bytes())
+        h.update(repr((BASE_FLAGS, ARCH_FLAGS, ABI_VERSION)).encode())
+        h.update(compiler.encode())
+        try:  # a compiler upgraded in place gets a new key, without running it
+            st = os.stat(compiler)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError:
+            pass
+        h.update(_cpu_identity().encode())
+        self._salt = h.digest()
+        self.arch: tuple[str, ...] | None = None  # the ARCH_FLAGS entry that worked
+
+    def path_for(self, stem: str, source: str) -> Path:
+        key = hashlib.sha256(self._salt + source.encode()).hexdigest()[:20]
+        return cache_dir() / f"{stem}-{key}.so"
+
+    def build(self, stem: str, source: str) -> Path:
+        """The library compiled from ``source``: from the cache, or compiled now."""
+        target = self.path_for(stem, source)
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        errors = []
+        for arch in ARCH_FLAGS if self.arch is None else (self.arch,):
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+                src = Path(tmp) / f"{stem}.c"
+                src.write_text(source)
+                out = Path(tmp) / f"{stem}.so"
+                cmd = [self.compiler, *BASE_FLAGS, *arch, f"-I{KERNEL_DIR}", str(src), "-o", str(out), "-lm"]
+                try:
+                    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                except (OSError, subprocess.SubprocessError) as err:
+                    raise BuildError(f"could not run the C compiler {self.compiler!r}: {err}") from err
+                if result.returncode == 0:
+                    self.arch = arch
+                    os.replace(out, target)  # atomic: others see no file or the whole file
+                    return target
+                errors.append(f"$ {' '.join(cmd)}\n{result.stderr.strip()[-2000:]}")
+        raise BuildError("the C compiler failed:\n" + "\n".join(errors))
+
+
+# ---- the generic library -----------------------------------------------------------------------
+
+_p, _i8, _i32, _i64 = ctypes.c_void_p, ctypes.c_int8, ctypes.c_int32, ctypes.c_int64
+
+
+class Library:
+    """The generic kernel library (longmem_cpu.c)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        lib.longmem_abi_version.restype = ctypes.c_int
+        if lib.longmem_abi_version() != ABI_VERSION:
+            raise BuildError(f"{path} is a different version of the kernel")
+        lib.longmem_run.restype = ctypes.c_int
+        lib.longmem_run.argtypes = [_p, _p, _i32, _i32, _i32, _p, _p, _p, _p, _i32, _i64, _i64, _i64]
+        lib.longmem_advance_steps.restype = None
+        lib.longmem_advance_steps.argtypes = [_p, _i64, _p]
+        self.lib = lib
+
+
+_lock = threading.Lock()
+_builder: Builder | None = None
+_library: Library | None = None
+_failure: str | None = None
+#: program signature -> its specialized kernel (None: it could not be built; use the generic one)
+_specialized: dict[tuple, ctypes._CFuncPtr | None] = {}  # type: ignore[name-defined]
+
+
+def load() -> Library:
+    """The generic kernel library, built if needed; raises :class:`BuildError` (and keeps failing
+    the same way for the rest of the process) if it cannot be built or loaded."""
+    global _builder, _library, _failure
+    if _library is not None:
+        return _library
+    with _lock:
+        if _library is not None:
+            return _library
+        if _failure is not None:
+            raise BuildError(_failure)
+        try:
+            _builder = Builder(find_compiler())
+            _library = Library(_builder.build("longmem_cpu", SOURCE.read_text()))
+        except (BuildError, OSError) as err:
+            _failure = str(err)
+            raise BuildError(_failure) from err
+        return _library
+
+
+def reset() -> None:
+    """Forget loaded kernels and any failure (for tests); the disk cache is kept."""
+    global _builder, _library, _failure
+    with _lock:
+        _builder, _library, _failure = None, None, None
+        _specialized.clear()
+
+
+# ---- specialized kernels -----------------------------------------------------------------------
+
+_LOAD = {
+    "f32": "((const float *){ptr})[i]",
+    "bf16": "lm_bf16_to_f32(((const uint16_t *){ptr})[i])",
+    "f16": "lm_f16_to_f32(((const uint16_t *){ptr})[i])",
+}
+_STORE = {
+    "f32": "((float *){ptr})[i] = {value};",
+    "bf16": "((uint16_t *){ptr})[i] = lm_f32_to_bf16({value});",
+    "f16": "((uint16_t *){ptr})[i] = lm_f32_to_f16({value});",
+}
+
+
+def specialized_source(program: Program) -> str:
+    """C source of a kernel that runs ``program`` with every value in registers.
+
+    One loop per parameter dtype (float32, bfloat16, float16; the gradient has the parameter's
+    dtype), each a straight line of calls into longmem_ops.h that the compiler vectorizes. The
+    entry point takes the same pointer table as the generic kernel, and the scalars at run time,
+    so one build serves every step.
+    """
+    n_mem, n_slots = program.n_mem, program.n_mem + program.n_temp
+    written = program.written()
+    params = ", ".join(
+        ["void *restrict P0", "const void *restrict P1"]
+        + [f"float *restrict P{k}" for k in range(2, n_mem)]
+        + ["int64_t lo", "int64_t hi", "const float *restrict S", "uint32_t gsign"]
+    )
+    bodies = []
+    for dt in ("f32", "bf16", "f16"):
+        lines = [f"static void body_{dt}({params}) {{"]
+        lines += [f"    const float s{k} = S[{k}];" for k in range(len(program.code))]
+        lines.append("    for (int64_t i = lo; i < hi; i++) {")
+        lines.append(f"        float v0 = {_LOAD[dt].format(ptr='P0')};")
+        # maximize: the gradient's sign bit flipped as it is loaded (exactly torch.neg)
+        lines.append(f"        float v1 = lm_from_bits(lm_bits({_LOAD[dt].format(ptr='P1')}) ^ gsign);")
+        lines += [f"        float v{k} = P{k}[i];" for k in range(2, n_mem)]
+        if program.n_temp:
+            lines.append("        float " + ", ".join(f"v{k}" for k in range(n_mem, n_slots)) + ";")
+        for k, (op, d, a, b, c) in enumerate(program.code):
+            lines.append(f"        v{d} = lm_{OP_NAMES[op]}(v{a}, v{b}, v{c}, s{k});")
+        for k in written:
+            if k == 0:
+                lines.append("        " + _STORE[dt].format(ptr="P0", value="v0"))
+            else:
+                lines.append(f"        P{k}[i] = v{k};")
+        lines += ["    }", "}", ""]
+        bodies.append("\n".join(lines))
+    args = ", ".join(["p", "g"] + [f"(float *)ptrs[{k} * n_tensors + t]" for k in range(2, n_mem)])
+    return f"""/* generated by longmem.kernels.cpu.specialized_source for the program:
+{_comment(program)}
+ */
+#include "longmem_ops.h"
+
+{"".join(bodies)}
+int longmem_abi_version(void) {{ return {ABI_VERSION}; }}
+
+int longmem_kernel(void *const *ptrs, const int64_t *numel, const int8_t *dtype, const double *scalar,
+                   int32_t maximize, int64_t n_tensors, int64_t begin, int64_t end) {{
+    float S[{max(1, len(program.code))}];
+    for (int k = 0; k < {len(program.code)}; k++) S[k] = (float)scalar[k];
+    uint32_t gsign = maximize ? 0x80000000u : 0u;
+    int64_t start = 0;
+    for (int64_t t = 0; t < n_tensors && start < end; start += numel[t], t++) {{
+        int64_t lo = begin > start ? begin - start : 0;
+        int64_t hi = end - start < numel[t] ? end - start : numel[t];
+        if (lo >= hi) continue;
+        void *p = ptrs[t];
+        const void *g = ptrs[n_tensors + t];
+        switch (dtype[t]) {{
+        case LM_F32: body_f32({args}, lo, hi, S, gsign); break;
+        case LM_BF16: body_bf16({args}, lo, hi, S, gsign); break;
+        case LM_F16: body_f16({args}, lo, hi, S, gsign); break;
+        default: return -1;
+        }}
+    }}
+    return 0;
+}}
+"""
+
+
+def _comment(program: Program) -> str:
+    return "\n".join(" *   " + line for line in str(program).splitlines())
+
+
+def _specialized_kernel(program: Program) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The specialized kernel for ``program``'s signature, built on first use; None if it cannot be."""
+    key = program.signature()
+    if key in _specialized:
+        return _specialized[key]
+    with _lock:
+        if key not in _specialized:
+            fn = None
+            try:
+                assert _builder is not None
+                lib = ctypes.CDLL(str(_builder.build("longmem_prog", specialized_source(program))))
+                if lib.longmem_abi_version() == ABI_VERSION:
+                    fn = lib.longmem_kernel
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [_p, _p, _p, _p, _i32, _i64, _i64, _i64]
+            except (BuildError, OSError):
+                fn = None  # the generic kernel computes the same numbers
+            _specialized[key] = fn
+    return _specialized[key]
+
+
+# ---- running programs --------------------------------------------------------------------------
+
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] | None = None
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_key
+    key = (os.getpid(), workers)  # a forked child gets a pool of its own
+    if _pool is None or _pool_key != key:
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="longmem")
+        _pool_key = key
+    return _pool
+
+
+def supports(p: Tensor, g: Tensor, state: Sequence[Tensor]) -> bool:
+    """Whether the CPU kernels can update ``p`` (dtype, layout and state precision)."""
+    if p.dtype not in DTYPE_CODES or g.dtype not in DTYPE_CODES or p.is_complex() != g.is_complex():
+        return False
+    if not (p.is_contiguous() and g.is_contiguous()) or p.numel() != g.numel():
+        return False
+    complex_ = p.is_complex()
+    return all(s.dtype in STATE_DTYPES and s.is_complex() == complex_ and s.is_contiguous() for s in state)
+
+
+def advance_steps(lib: Library, steps: Sequence[Tensor]) -> list[float]:
+    """``step += 1`` for every float32 counter, in one call; returns the new values."""
+    n = len(steps)
+    ptrs = array.array("q", [s.data_ptr() for s in steps])
+    out = (ctypes.c_double * n)()
+    lib.lib.longmem_advance_steps(ptrs.buffer_info()[0], n, out)
+    return list(out)
+
+
+def _split(numels: Sequence[int], parts: int) -> list[int]:
+    """Flat element indices that cut the concatenation into ``parts`` nearly equal runs, each cut
+    falling on a multiple of SPLIT_ALIGN within its tensor."""
+    total = sum(numels)
+    cuts = [0]
+    start, t = 0, 0
+    for k in range(1, parts):
+        target = total * k // parts
+        while t < len(numels) and start + numels[t] <= target:
+            start += numels[t]
+            t += 1
+        cut = start + (target - start) // SPLIT_ALIGN * SPLIT_ALIGN
+        cuts.append(max(cut, cuts[-1]))
+    cuts.append(total)
+    return cuts
+
+
+def run(
+    program: Program,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Sequence[Sequence[Tensor]],
+    maximize: bool,
+) -> None:
+    """Execute ``program`` on every tensor (CPU tensors that :func:`supports` accepts)."""
+    lib = load()
+    n = len(params)
+    if n == 0:
+        return
+    scalars = array.array("d", program.scalars)
+    ptrs = array.array("q", [x.data_ptr() for x in params])
+    ptrs.extend([x.data_ptr() for x in grads])
+    for buf in state:
+        ptrs.extend([x.data_ptr() for x in buf])
+    numel = array.array("q", bytes(8 * n))
+    p_dtype = array.array("b", bytes(n))
+    g_dtype = array.array("b", bytes(n))
+    same_dtypes = True
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        code_p, width = DTYPE_CODES[p.dtype]
+        numel[i] = p.numel() * width
+        p_dtype[i] = code_p
+        g_dtype[i] = DTYPE_CODES[g.dtype][0]
+        same_dtypes = same_dtypes and code_p == g_dtype[i]
+
+    kernel = _specialized_kernel(program) if SPECIALIZE and same_dtypes else None
+    if kernel is not None:
+        fixed: tuple = (ptrs.buffer_info()[0], numel.buffer_info()[0], p_dtype.buffer_info()[0],
+                        scalars.buffer_info()[0], int(maximize), n)  # fmt: skip
+    else:
+        kernel = lib.lib.longmem_run
+        code = array.array("i", [x for row in program.code for x in row])
+        fixed = (code.buffer_info()[0], scalars.buffer_info()[0], len(program.code), program.n_mem,
+                 program.n_temp, ptrs.buffer_info()[0], numel.buffer_info()[0], p_dtype.buffer_info()[0],
+                 g_dtype.buffer_info()[0], int(maximize), n)  # fmt: skip
+
+    def work(begin: int, end: int) -> None:
+        if kernel(*fixed, begin, end) != 0:
+            raise RuntimeError(f"longmem's CPU kernel rejected the program:\n{program}")
+
+    total = sum(numel)
+    threads = max(1, min(torch.get_num_threads(), total // PARALLEL_MIN_ELEMENTS))
+    if threads == 1:
+        work(0, total)
+    else:
+        cuts = _split(numel, threads)
+        futures = [_executor(threads - 1).submit(work, cuts[k], cuts[k + 1]) for k in range(1, threads)]
+        try:
+            work(cuts[0], cuts[1])
+        finally:
+            for f in futures:
+                f.result()
+    # The kernel wrote through raw pointers: tell autograd, as an in-place torch op would.
+    bump_versions(params)
+    for buf in state:
+        bump_versions(buf)
+
+
+def bump_versions(tensors: Sequence[Tensor]) -> None:
+    """Advance the autograd version counters of tensors modified through their data pointers."""
+    try:
+        torch.autograd.graph.increment_version(list(tensors))
+    except TypeError:  # torch < 2.5 takes one tensor at a time
+        for x in tensors:
+            torch.autograd.graph.increment_version(x)

@@ -1,0 +1,150 @@
+/* longmem's fused CPU kernel: one pass over memory per optimizer step.
+ *
+ * An optimizer's update rule (written once in Python, against an `ops` object) is traced into a
+ * short program of elementwise instructions (longmem/kernels/program.py). This file executes such a
+ * program over blocks of BLOCK elements: every instruction runs over one block while it sits in L1,
+ * so each parameter, gradient and state element crosses the memory bus once per step, instead of
+ * once per torch operation as in the foreach path.
+ *
+ * The operations themselves, and their numerics, are in longmem_ops.h. This generic kernel runs any
+ * program; cpu.py also generates a kernel specialized to one program, which keeps every value in
+ * registers (faster), and falls back to this one where that kernel is not built.
+ *
+ * No torch or Python headers: this compiles in about a second with any C99 compiler and is loaded
+ * with ctypes (which releases the GIL during a call, so Python threads can run it in parallel).
+ */
+#include "longmem_ops.h"
+
+#define BLOCK 512       /* elements per block: all operands of a block stay in L1 */
+#define MAX_SLOTS 16    /* p, g, state buffers and temporaries of one program */
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 2 /* software prefetch this many blocks ahead (see longmem_run) */
+#endif
+
+/* One instruction over one block. */
+static void run_instr(int op, float *d, const float *a, const float *b, const float *c, float s, int64_t n) {
+    int64_t i;
+    switch (op) {
+#define LM_CASE(code, name) \
+    case code: for (i = 0; i < n; i++) d[i] = lm_##name(a[i], b[i], c[i], s); break;
+    LM_OPS(LM_CASE)
+#undef LM_CASE
+    default: break;
+    }
+}
+
+static void load_f32(float *restrict dst, const void *src, int dtype, int64_t off, int64_t n, int negate) {
+    int64_t i;
+    if (dtype == LM_BF16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (i = 0; i < n; i++) dst[i] = lm_bf16_to_f32(s[i]);
+    } else if (dtype == LM_F16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        for (i = 0; i < n; i++) dst[i] = lm_f16_to_f32(s[i]);
+    } else {
+        const float *s = (const float *)src + off;
+        for (i = 0; i < n; i++) dst[i] = s[i];
+    }
+    if (negate)
+        for (i = 0; i < n; i++) dst[i] = -dst[i];
+}
+
+/* Prefetch the bytes [off, off + len) of one stream into the cache, a line at a time. */
+static inline void prefetch_range(const void *base, int64_t off_bytes, int64_t len_bytes) {
+    const char *b = (const char *)base + off_bytes;
+    for (int64_t k = 0; k < len_bytes; k += 64) __builtin_prefetch(b + k, 1, 3);
+}
+
+static void store_f32(void *dst, int dtype, int64_t off, const float *restrict src, int64_t n) {
+    int64_t i;
+    if (dtype == LM_BF16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (i = 0; i < n; i++) d[i] = lm_f32_to_bf16(src[i]);
+    } else if (dtype == LM_F16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (i = 0; i < n; i++) d[i] = lm_f32_to_f16(src[i]);
+    }
+}
+
+/* ---- entry points ------------------------------------------------------------------------------ */
+
+int longmem_abi_version(void) { return 1; }
+int longmem_block(void) { return BLOCK; }
+
+/* Increment each float32 step counter and return the new values (one call instead of two torch
+ * operations per parameter). */
+void longmem_advance_steps(float *const *steps, int64_t n, double *out) {
+    for (int64_t i = 0; i < n; i++) {
+        *steps[i] += 1.0f;
+        out[i] = (double)*steps[i];
+    }
+}
+
+/* Run a traced program over elements [begin, end) of the concatenation of n_tensors tensors.
+ *
+ * code:   n_instr rows of (op, d, a, b, c); slot 0 is the parameter, 1 the gradient,
+ *         2 .. n_mem-1 the state buffers (float32), n_mem .. n_mem+n_temp-1 temporaries.
+ * scalar: n_instr doubles, rounded to float here as torch rounds a Python scalar.
+ * ptrs:   n_mem rows of n_tensors data pointers (row 0 parameters, row 1 gradients, ...).
+ * numel, p_dtype, g_dtype: per tensor. maximize: negate the gradient as it is loaded.
+ * Returns 0, or -1 for a program this kernel cannot run. */
+int longmem_run(const int32_t *code, const double *scalar, int32_t n_instr, int32_t n_mem, int32_t n_temp,
+                void *const *ptrs, const int64_t *numel, const int8_t *p_dtype, const int8_t *g_dtype,
+                int32_t maximize, int64_t n_tensors, int64_t begin, int64_t end) {
+    if (n_mem < 2 || n_mem + n_temp > MAX_SLOTS || n_instr < 0) return -1;
+    for (int32_t k = 0; k < n_instr; k++)
+        for (int j = 1; j < 5; j++)
+            if (code[5 * k + j] < 0 || code[5 * k + j] >= n_mem + n_temp) return -1;
+
+    float scal[256];
+    if (n_instr > 256) return -1;
+    for (int32_t k = 0; k < n_instr; k++) scal[k] = (float)scalar[k];
+
+    /* temporaries and converted copies of p and g live here (36 KiB of stack, 64-byte aligned) */
+    float scratch[MAX_SLOTS + 2][BLOCK] __attribute__((aligned(64)));
+    float *slot[MAX_SLOTS];
+    for (int32_t k = 0; k < n_temp; k++) slot[n_mem + k] = scratch[2 + k];
+
+    int64_t start = 0; /* flat index of the current tensor's first element */
+    for (int64_t t = 0; t < n_tensors && start < end; start += numel[t], t++) {
+        int64_t lo = begin > start ? begin - start : 0;
+        int64_t hi = end - start < numel[t] ? end - start : numel[t];
+        if (lo >= hi) continue;
+        void *p = ptrs[t];
+        const void *g = ptrs[n_tensors + t];
+        int pdt = p_dtype[t], gdt = g_dtype[t];
+        int psz = pdt == LM_F32 ? 4 : 2, gsz = gdt == LM_F32 ? 4 : 2;
+        for (int64_t off = lo; off < hi; off += BLOCK) {
+            int64_t n = hi - off < BLOCK ? hi - off : BLOCK;
+            /* Hardware prefetchers stop at 4 KiB page boundaries and wait for the program's own
+             * misses; asking for a later block of every stream now keeps the memory system busy
+             * while this block computes. */
+            int64_t ahead = off + PREFETCH_BLOCKS * BLOCK;
+            if (ahead < hi) {
+                int64_t m = hi - ahead < BLOCK ? hi - ahead : BLOCK;
+                prefetch_range(p, ahead * psz, m * psz);
+                prefetch_range(g, ahead * gsz, m * gsz);
+                for (int32_t k = 2; k < n_mem; k++) prefetch_range(ptrs[(int64_t)k * n_tensors + t], ahead * 4, m * 4);
+            }
+            if (pdt == LM_F32) {
+                slot[0] = (float *)p + off;
+            } else {
+                load_f32(scratch[0], p, pdt, off, n, 0);
+                slot[0] = scratch[0];
+            }
+            if (gdt == LM_F32 && !maximize) {
+                slot[1] = (float *)g + off; /* never written: program.py rejects rules that do */
+            } else {
+                load_f32(scratch[1], g, gdt, off, n, maximize);
+                slot[1] = scratch[1];
+            }
+            for (int32_t k = 2; k < n_mem; k++) slot[k] = (float *)ptrs[(int64_t)k * n_tensors + t] + off;
+            for (int32_t k = 0; k < n_instr; k++) {
+                const int32_t *ins = code + 5 * k;
+                run_instr(ins[0], slot[ins[1]], slot[ins[2]], slot[ins[3]], slot[ins[4]], scal[k], n);
+            }
+            if (pdt != LM_F32) store_f32(p, pdt, off, scratch[0], n);
+        }
+    }
+    return 0;
+}

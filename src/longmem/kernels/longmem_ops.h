@@ -1,0 +1,140 @@
+/* The elementwise operations of longmem's fused CPU kernels, one definition each.
+ *
+ * Both the generic kernel (longmem_cpu.c, which interprets a traced program block by block) and the
+ * kernels generated for one program (cpu.py: specialized_source) compute through these functions,
+ * so the two give bit-identical results.
+ *
+ * Numerics follow torch's CPU kernels for float32 operation by operation: scalars are rounded to
+ * float once (as torch does with a Python number), `add` with alpha, `addcmul` and `lerp` use a
+ * fused multiply-add where torch's vectorized kernels do, everything else is one IEEE operation.
+ * Compile with -ffp-contract=off and without -ffast-math so that the compiler keeps it that way.
+ */
+#ifndef LONGMEM_OPS_H
+#define LONGMEM_OPS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(FP_FAST_FMAF)
+#define LM_FMA(a, b, c) fmaf((a), (b), (c))
+#else /* no hardware FMA: torch's vectorized kernels do not fuse either */
+#define LM_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* dtype codes, as in cpu.py */
+enum { LM_F32 = 0, LM_BF16 = 1, LM_F16 = 2 };
+
+static inline float lm_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t lm_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* (cond ? a : b) on bits, without a branch, so that if-conversion never blocks vectorization */
+static inline uint32_t lm_select(int cond, uint32_t a, uint32_t b) {
+    uint32_t m = (uint32_t)0 - (uint32_t)(cond != 0);
+    return (a & m) | (b & ~m);
+}
+
+/* bf16 <-> f32. Widening is exact; narrowing rounds to nearest even, NaN -> quiet NaN, as c10. */
+static inline float lm_bf16_to_f32(uint16_t h) { return lm_from_bits((uint32_t)h << 16); }
+static inline uint16_t lm_f32_to_bf16(float f) {
+    uint32_t u = lm_bits(f);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)lm_select(f != f, 0x7fc0u, rounded);
+}
+
+/* IEEE half <-> f32 with integer operations only (branch-free, so loops vectorize, and
+ * independent of the FTZ/DAZ flags). Narrowing rounds to nearest even, as torch's .to(). */
+static inline float lm_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t em = h & 0x7fffu;
+    uint32_t normal = (em << 13) + (112u << 23);
+    uint32_t inf_nan = (em << 13) | 0x7f800000u;
+    uint32_t sub = lm_bits((float)(int32_t)em * 0x1p-24f); /* exact: em < 2^10 */
+    uint32_t mag = lm_select(em >= 0x7c00u, inf_nan, lm_select(em < 0x0400u, sub, normal));
+    return lm_from_bits(mag | sign);
+}
+static inline uint16_t lm_f32_to_f16(float f) {
+    uint32_t u = lm_bits(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    u &= 0x7fffffffu;
+    uint32_t big = lm_select(u > 0x7f800000u, 0x7e00u, 0x7c00u); /* NaN stays NaN, the rest: inf */
+    /* subnormal or zero: float addition rounds the shifted mantissa to nearest even */
+    const uint32_t magic = ((127 - 15) + (23 - 10) + 1) << 23;
+    uint32_t sub = lm_bits(lm_from_bits(u) + lm_from_bits(magic)) - magic;
+    /* normal: rebias the exponent, round the mantissa to nearest even */
+    uint32_t normal = (u + ((uint32_t)(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+    uint32_t mag = lm_select(u >= ((127u + 16u) << 23), big, lm_select(u < (113u << 23), sub, normal));
+    return (uint16_t)(mag | sign);
+}
+
+/* exp(x) in float to about 1 ulp (Cephes' polynomial after a Cody-Waite reduction), written
+ * without branches or libm calls so that loops calling it vectorize (libm's expf does not without
+ * -ffast-math, which would also loosen every other operation). */
+static inline float lm_exp(float x) {
+    float xc = x > 88.72283f ? 88.72283f : x; /* the comparisons keep NaN */
+    xc = xc < -103.9721f ? -103.9721f : xc;
+    float k = rintf(xc * 1.44269504088896341f);
+    float r = LM_FMA(k, -0.693359375f, xc);
+    r = LM_FMA(k, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = LM_FMA(p, r, 1.3981999507e-3f);
+    p = LM_FMA(p, r, 8.3334519073e-3f);
+    p = LM_FMA(p, r, 4.1665795894e-2f);
+    p = LM_FMA(p, r, 1.6666665459e-1f);
+    p = LM_FMA(p, r, 5.0000001201e-1f);
+    p = LM_FMA(p, r * r, r);
+    p = p + 1.0f;
+    /* p * 2^k in two factors, so that results in the subnormal range come out right */
+    int32_t ki = (int32_t)k;
+    int32_t k1 = ki >> 1;
+    int32_t k2 = ki - k1;
+    float y = (p * lm_from_bits((uint32_t)(k1 + 127) << 23)) * lm_from_bits((uint32_t)(k2 + 127) << 23);
+    y = x > 88.72283f ? INFINITY : y;
+    y = x < -103.9721f ? 0.0f : y;
+    return x != x ? x : y;
+}
+
+/* ---- the operations (codes as in program.py): d = op(a, b, c, s) ------------------------------ */
+
+static inline float lm_mul_s(float a, float b, float c, float s) { (void)b; (void)c; return a * s; }
+static inline float lm_mul(float a, float b, float c, float s) { (void)c; (void)s; return a * b; }
+static inline float lm_add_s(float a, float b, float c, float s) { (void)b; (void)c; return a + s; }
+/* torch.add(a, b, alpha=s) */
+static inline float lm_axpy(float a, float b, float c, float s) { (void)c; return LM_FMA(b, s, a); }
+static inline float lm_sub(float a, float b, float c, float s) { (void)c; (void)s; return a - b; }
+/* torch.addcmul(a, b, c, value=s) */
+static inline float lm_addcmul(float a, float b, float c, float s) { return LM_FMA(s * b, c, a); }
+/* torch.addcdiv(a, b, c, value=s) */
+static inline float lm_addcdiv(float a, float b, float c, float s) { return a + (s * b) / c; }
+static inline float lm_div_s(float a, float b, float c, float s) { (void)b; (void)c; return a / s; }
+static inline float lm_div(float a, float b, float c, float s) { (void)c; (void)s; return a / b; }
+static inline float lm_sqrt(float a, float b, float c, float s) { (void)b; (void)c; (void)s; return __builtin_sqrtf(a); }
+static inline float lm_recip(float a, float b, float c, float s) { (void)b; (void)c; (void)s; return 1.0f / a; }
+static inline float lm_abs(float a, float b, float c, float s) { (void)b; (void)c; (void)s; return __builtin_fabsf(a); }
+/* torch.sigmoid's CPU kernel: 1 / (1 + exp(-a)) */
+static inline float lm_sigmoid(float a, float b, float c, float s) {
+    (void)b; (void)c; (void)s;
+    return 1.0f / (1.0f + lm_exp(-a));
+}
+/* torch.minimum: NaN if either is NaN */
+static inline float lm_min(float a, float b, float c, float s) {
+    (void)c; (void)s;
+    float m = b < a ? b : a;
+    m = b != b ? b : m;
+    return a != a ? a : m;
+}
+static inline float lm_copy(float a, float b, float c, float s) { (void)b; (void)c; (void)s; return a; }
+static inline float lm_neg(float a, float b, float c, float s) { (void)b; (void)c; (void)s; return -a; }
+/* torch.lerp(a, b, weight=s): a + s * (b - a) for |s| < 0.5, else b - (b - a) * (1 - s), as torch's
+ * vectorized kernel computes it (one fused multiply-add) */
+static inline float lm_lerp(float a, float b, float c, float s) {
+    (void)c;
+    float small = __builtin_fabsf(s) < 0.5f ? 1.0f : 0.0f;
+    return small != 0.0f ? LM_FMA(s, b - a, a) : LM_FMA(s - 1.0f, b - a, b);
+}
+
+#define LM_OPS(X) \
+    X(0, mul_s) X(1, mul) X(2, add_s) X(3, axpy) X(4, sub) X(5, addcmul) X(6, addcdiv) X(7, div_s) \
+    X(8, div) X(9, sqrt) X(10, recip) X(11, abs) X(12, sigmoid) X(13, min) X(14, copy) X(15, neg) X(16, lerp)
+
+#endif

@@ -1,0 +1,431 @@
+"""fused=True: the foreach path's numbers to float rounding, for every optimizer and option.
+
+The fused CPU kernels (longmem.kernels) run the same traced rule in one pass over memory. These
+tests compare them with the foreach path step by step, check the kernels' own pieces (dtype
+conversions, sigmoid, the thread split, the code generator against the generic kernel), checkpoint
+interchange, and the fallback when the kernel cannot be built. No timing here: see
+benchmarks/step_speed.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import longmem
+from longmem import kernels
+from longmem.kernels import cpu, program
+
+SIZES = [(1,), (7,), (1_000_003,), (33, 65)]
+STEPS = 10
+
+# (optimizer, options): every option that changes the traced program or its scalars
+CASES = [
+    ("AdEMAMix", {}),
+    ("AdEMAMix", {"weight_decay": 0.1}),
+    ("AdEMAMix", {"maximize": True}),
+    ("AdEMAMix", {"alpha_warmup": 20, "beta3_warmup": 20}),  # mid-warm-up for all 10 steps
+    ("AdEMAMix", {"betas": (0.0, 0.999, 0.9999), "alpha": 5.0}),
+    (
+        "AdEMAMix",
+        dict(betas=(0.0, 0.99, 0.999), alpha_warmup=4, beta3_warmup=6, weight_decay=0.1, maximize=True),
+    ),
+    ("SimplifiedAdEMAMix", {}),
+    ("SimplifiedAdEMAMix", {"weight_decay": 0.1, "alpha": 2.0}),
+    ("SimplifiedAdEMAMix", {"maximize": True, "beta1_warmup": 20}),
+    ("SimplifiedAdEMAMix", {"bias_correction1": True}),
+    ("SimplifiedAdEMAMix", {"bias_correction2": False, "betas": (0.9, 0.99)}),
+    ("AdaMod", {}),
+    ("AdaMod", {"weight_decay": 0.1}),
+    ("AdaMod", {"maximize": True, "beta3": 0.0}),
+    ("AdaMod", {"betas": (0.0, 0.999), "beta3": 0.9}),
+    ("DiffGrad", {}),
+    ("DiffGrad", {"weight_decay": 0.1}),
+    ("DiffGrad", {"maximize": True, "betas": (0.5, 0.9)}),
+    ("DiffMod", {}),
+    ("DiffMod", {"weight_decay": 0.1, "len_memory": 10}),
+    ("DiffMod", {"maximize": True, "beta3": 0.5}),
+]
+LR = {"SimplifiedAdEMAMix": 1e-3}
+
+
+def _ids(case):
+    name, options = case
+    return name + "-" + ("-".join(f"{k}={v}" for k, v in options.items()) or "default")
+
+
+def _pair(name, options, shapes, dtype=torch.float32, seed=0, **extra):
+    """Two identical parameter lists, one with a fused optimizer, one with a foreach optimizer."""
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    a = [torch.nn.Parameter(x.clone()) for x in base]
+    b = [torch.nn.Parameter(x.clone()) for x in base]
+    hp = {"lr": LR.get(name, 1e-2), **options}
+    cls = getattr(longmem, name)
+    return a, cls(a, fused=True, **hp, **extra), b, cls(b, foreach=True, **hp)
+
+
+def _step_both(a, opt_a, b, opt_b, steps=STEPS, seed=1, grad_every=None):
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        for i, (p, q) in enumerate(zip(a, b, strict=True)):
+            if grad_every is not None and t % grad_every[i]:
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * 0.1
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+
+
+def _state_close(opt_a, opt_b, a, b):
+    for p, q in zip(a, b, strict=True):
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype, key
+            torch.testing.assert_close(sa[key], sb[key], msg=lambda m, key=key: f"state {key!r}: {m}")
+
+
+def _ulps(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place of ``x``'s dtype (bf16/fp16), via the ordered bit patterns."""
+
+    def ordered(t):
+        bits = t.view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return (ordered(x) - ordered(y)).abs()
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_fused_matches_foreach_fp32(case):
+    name, options = case
+    a, opt_a, b, opt_b = _pair(name, options, SIZES)
+    _step_both(a, opt_a, b, opt_b)
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q)
+    _state_close(opt_a, opt_b, a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES[::2], ids=_ids)
+def test_fused_matches_foreach_low_precision(case, dtype):
+    """Each step lands within one ulp of the parameter's dtype of the foreach step (the float32
+    working values agree to float32 rounding; rounding them can then differ by one ulp). The
+    parameters are re-synchronized after each step so that such ulps cannot compound."""
+    name, options = case
+    a, opt_a, b, opt_b = _pair(name, options, [(1,), (7,), (100_003,)], dtype=dtype)
+    for t in range(STEPS):
+        _step_both(a, opt_a, b, opt_b, steps=1, seed=t)
+        for p, q in zip(a, b, strict=True):
+            assert p.dtype == dtype
+            assert _ulps(p.detach(), q.detach()).max().item() <= 1
+            with torch.no_grad():
+                p.copy_(q)
+    _state_close(opt_a, opt_b, a, b)  # float32 state
+
+
+def test_mixed_dtypes_complex_and_leftovers_in_one_group():
+    """float32, bfloat16, float16 and complex64 parameters share a kernel call; float64 and a
+    non-contiguous parameter take the foreach path inside the fused step."""
+    shapes = [(1000,), (513,), (77,), (300,), (64,), (20, 30)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.complex64, torch.float64, torch.float32]
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(shapes, dtypes, strict=True)]
+    base[-1] = base[-1].t()  # non-contiguous
+    a = [torch.nn.Parameter(x.clone()) for x in base]
+    b = [torch.nn.Parameter(x.clone()) for x in base]
+    for name in ("AdEMAMix", "DiffMod"):
+        opt_a = getattr(longmem, name)(a, lr=1e-2, weight_decay=0.1, fused=True)
+        opt_b = getattr(longmem, name)(b, lr=1e-2, weight_decay=0.1, foreach=True)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(5):
+            for p, q in zip(a, b, strict=True):
+                g = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+                if not p.is_contiguous():
+                    g = g.t().contiguous().t()
+                p.grad, q.grad = g.clone(), g.clone()
+            opt_a.step()
+            opt_b.step()
+        for p, q in zip(a, b, strict=True):
+            if p.dtype in (torch.bfloat16, torch.float16):
+                assert _ulps(p.detach(), q.detach()).max().item() <= 1
+            else:
+                torch.testing.assert_close(p, q)
+        _state_close(opt_a, opt_b, a, b)
+
+
+def test_several_groups_tensor_lr_and_uneven_steps():
+    """Groups with their own hyperparameters, lr as a 0-d tensor, and parameters that skip steps
+    (no gradient: their step count stays behind, so one fused call sees several values of t)."""
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(n, generator=gen) for n in (100, 2000, 70_000, 9)]
+    a = [torch.nn.Parameter(x.clone()) for x in base]
+    b = [torch.nn.Parameter(x.clone()) for x in base]
+
+    def groups(ps):
+        return [
+            {"params": ps[:2], "lr": torch.tensor(1e-2), "weight_decay": 0.1},
+            {"params": ps[2:], "lr": 3e-3, "alpha_warmup": 8, "beta3_warmup": 8},
+        ]
+
+    opt_a = longmem.AdEMAMix(groups(a), fused=True)
+    opt_b = longmem.AdEMAMix(groups(b), foreach=True)
+    _step_both(a, opt_a, b, opt_b, grad_every=[1, 2, 3, 1])
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q)
+    _state_close(opt_a, opt_b, a, b)
+    assert [opt_a.state[p]["step"].item() for p in a] == [10, 5, 4, 10]
+
+
+def test_param_without_grad_is_untouched():
+    a = [torch.nn.Parameter(torch.ones(10)), torch.nn.Parameter(torch.ones(10))]
+    opt = longmem.AdaMod(a, fused=True)
+    a[0].grad = torch.ones(10)
+    opt.step()
+    assert opt.state[a[0]]["step"].item() == 1
+    assert a[1] not in opt.state
+    assert torch.equal(a[1], torch.ones(10))
+
+
+def test_generic_and_specialized_kernels_agree_bitwise(monkeypatch):
+    """The generated kernel and the generic interpreter compute through the same C operations."""
+    results = {}
+    for specialize in (False, True):
+        monkeypatch.setattr(cpu, "SPECIALIZE", specialize)
+        out = []
+        for name, options in CASES[::3]:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                a, opt_a, _, _ = _pair(name, options, [(7,), (4099,)], dtype=dtype)
+                gen = torch.Generator().manual_seed(2)
+                for _ in range(4):
+                    for p in a:
+                        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+                    opt_a.step()
+                out.append([p.detach().clone() for p in a])
+        results[specialize] = out
+    for x, y in zip(results[False], results[True], strict=True):
+        for p, q in zip(x, y, strict=True):
+            assert torch.equal(p, q)
+
+
+def test_state_dicts_interchange_with_non_fused():
+    """A fused run's checkpoint continues in a foreach optimizer and vice versa; the state dicts
+    have the same keys, dtypes and shapes either way."""
+    gen = torch.Generator().manual_seed(6)
+    base = [torch.randn(n, generator=gen) for n in (5, 3000)]
+    grads = [[torch.randn(n, generator=gen) for n in (5, 3000)] for _ in range(8)]
+
+    def run(fused_first: bool):
+        ps = [torch.nn.Parameter(x.clone()) for x in base]
+        first = longmem.DiffMod(ps, lr=1e-2, weight_decay=0.1, fused=fused_first, foreach=not fused_first)
+        for g in grads[:4]:
+            for p, gi in zip(ps, g, strict=True):
+                p.grad = gi.clone()
+            first.step()
+        saved = copy.deepcopy(first.state_dict())
+        qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        second = longmem.DiffMod(qs, lr=1e-2, weight_decay=0.1, fused=not fused_first, foreach=fused_first)
+        second.load_state_dict(saved)
+        for g in grads[4:]:
+            for p, q, gi in zip(ps, qs, g, strict=True):
+                p.grad, q.grad = gi.clone(), gi.clone()
+            first.step()
+            second.step()
+        return saved, ps, qs, first, second
+
+    saved_fused, ps, qs, first, second = run(True)
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p, q)
+    _state_close(first, second, ps, qs)
+    saved_foreach, ps, qs, first, second = run(False)
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p, q)
+
+    # same layout from either path; the groups differ only in the flags
+    def layout(state):
+        return {k: (v.dtype, v.shape) for k, v in state.items()}
+
+    for sa, sb in zip(saved_fused["state"].values(), saved_foreach["state"].values(), strict=True):
+        assert layout(sa) == layout(sb)
+    assert saved_fused["param_groups"][0]["fused"] is True
+
+
+def test_fused_checkpoint_resumes_bitwise():
+    ps = [torch.nn.Parameter(torch.randn(1000))]
+    opt = longmem.AdEMAMix(ps, fused=True, alpha_warmup=10, beta3_warmup=10)
+    for _ in range(3):
+        ps[0].grad = torch.randn(1000)
+        opt.step()
+    qs = [torch.nn.Parameter(ps[0].detach().clone())]
+    clone = longmem.AdEMAMix(qs, fused=True, alpha_warmup=10, beta3_warmup=10)
+    clone.load_state_dict(copy.deepcopy(opt.state_dict()))
+    g = torch.randn(1000)
+    ps[0].grad, qs[0].grad = g.clone(), g.clone()
+    opt.step()
+    clone.step()
+    assert torch.equal(ps[0], qs[0])
+
+
+def test_functional_api_fused():
+    from longmem.adamod import adamod
+
+    gen = torch.Generator().manual_seed(7)
+    outs = []
+    for fused in (True, False):
+        p = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+        bufs = [torch.zeros(5000) for _ in range(3)]
+        step = torch.zeros(())
+        for _ in range(3):
+            g = torch.randn(5000, generator=gen)
+            adamod([p], [g], [bufs[0]], [bufs[1]], [bufs[2]], [step], fused=fused, foreach=not fused,
+                   lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.999, eps=1e-8, weight_decay=0.0)  # fmt: skip
+        outs.append(p)
+        gen = torch.Generator().manual_seed(7)
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_version_counter_bumped():
+    p = torch.nn.Parameter(torch.randn(100))
+    opt = longmem.AdEMAMix([p], fused=True)
+    p.grad = torch.randn(100)
+    before = p._version
+    opt.step()
+    assert p._version > before
+
+
+# ---- validation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["AdEMAMix", "SimplifiedAdEMAMix", "AdaMod", "DiffGrad", "DiffMod"])
+def test_fused_validation(name):
+    cls = getattr(longmem, name)
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="fused"):
+        cls(p, fused="yes")
+    with pytest.raises(ValueError, match=r"fused.*foreach"):
+        cls(p, fused=True, foreach=True)
+    assert cls(p).param_groups[0]["fused"] is None
+    opt = cls(p, fused=False, foreach=True)
+    state = opt.state_dict()
+    del state["param_groups"][0]["fused"]  # a checkpoint from before fused existed
+    opt2 = cls([torch.nn.Parameter(torch.zeros(3))])
+    opt2.load_state_dict(state)
+    assert opt2.param_groups[0]["fused"] is None
+    opt3 = cls(p)
+    opt3.__setstate__({"state": {}, "param_groups": [{"params": p, **{k: v for k, v in opt3.defaults.items()
+                                                                       if k != "fused"}}]})  # fmt: skip
+    assert opt3.param_groups[0]["fused"] is None
+
+
+def test_tracer_rejects_writing_the_gradient():
+    def bad_rule(ops, t, p, g, buf):
+        ops.mul_(g, 2.0)
+
+    with pytest.raises(program.TraceError, match="gradient"):
+        program.trace(bad_rule, 1.0, ["buf"], [])
+
+
+# ---- the kernel's pieces ----------------------------------------------------------------------
+
+
+def _run_on_buffer(op: int, values: torch.Tensor, scalar: float = 0.0) -> torch.Tensor:
+    """Run the one-instruction program ``buf = op(buf, scalar)`` on float32 ``values``."""
+    prog = program.Program(("buf",))
+    prog.code.append((op, 2, 2, 2, 2))
+    prog.scalars.append(scalar)
+    buf = values.clone()
+    cpu.run(prog, [torch.zeros(buf.numel())], [torch.zeros(buf.numel())], [[buf]], False)
+    return buf
+
+
+@pytest.mark.parametrize("specialize", [False, True])
+def test_sigmoid_close_to_torch(monkeypatch, specialize):
+    """The kernels' vectorizable exp: sigmoid within 3 float32 ulps of torch's own float32 sigmoid
+    over the whole range (including where exp overflows, as torch's does), and within 2 ulps of
+    the exactly rounded value wherever the result is normal."""
+    monkeypatch.setattr(cpu, "SPECIALIZE", specialize)
+    x = torch.cat([
+        torch.linspace(-110, 110, 400_001),
+        torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 104.0, -104.0, math.inf, -math.inf, math.nan]),
+    ])  # fmt: skip
+    got = _run_on_buffer(program.SIGMOID, x)
+    torch_f32 = torch.sigmoid(x)
+    assert torch.equal(got.isnan(), torch_f32.isnan())
+    finite = ~torch_f32.isnan()
+    assert (got[finite].view(torch.int32) - torch_f32[finite].view(torch.int32)).abs().max().item() <= 3
+    exact = torch.sigmoid(x.double()).float()
+    normal = finite & (exact.abs() >= torch.finfo(torch.float32).tiny)
+    assert (got[normal].view(torch.int32) - exact[normal].view(torch.int32)).abs().max().item() <= 2
+
+
+@pytest.mark.parametrize("specialize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_round_trip_and_rounding(monkeypatch, specialize, dtype):
+    """Parameters are widened exactly and narrowed to nearest even, as torch's .to()."""
+    monkeypatch.setattr(cpu, "SPECIALIZE", specialize)
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)  # all bit patterns
+    scale = 1.0 + 2.0**-9  # moves values across rounding boundaries, and the largest ones to inf
+    prog = program.Program(())
+    prog.code.append((program.MUL_S, 0, 0, 0, 0))
+    prog.scalars.append(scale)
+    p = every.clone()
+    cpu.run(prog, [p], [torch.zeros_like(p)], [], False)
+    want = (every.float() * torch.tensor(scale, dtype=torch.float32)).to(dtype)
+    same = (p.view(torch.int16) == want.view(torch.int16)) | (p.isnan() & want.isnan())
+    assert bool(same.all()), every[~same][:10]
+
+
+def test_thread_split_covers_everything():
+    numels = [1, 7, 1_000_003, 4096, 64, 3]
+    for parts in (1, 2, 3, 5):
+        cuts = cpu._split(numels, parts)
+        assert cuts[0] == 0 and cuts[-1] == sum(numels) and len(cuts) == parts + 1
+        assert cuts == sorted(cuts)
+
+
+def test_three_threads_match_one(monkeypatch):
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            a, opt_a, _, _ = _pair("AdEMAMix", {"weight_decay": 0.1}, [(300_007,), (5,), (200_000,)])
+            gen = torch.Generator().manual_seed(2)
+            for _ in range(3):
+                for p in a:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt_a.step()
+            outs.append(a)
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in zip(*outs, strict=True):
+        assert torch.equal(p, q)
+
+
+# ---- fallback ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broken_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("LONGMEM_CC", str(tmp_path / "no-such-compiler"))
+    kernels.reset()
+    yield
+    monkeypatch.delenv("LONGMEM_CC")
+    kernels.reset()
+
+
+def test_failed_build_warns_once_and_runs_foreach(broken_compiler):
+    a, opt_a, b, opt_b = _pair("AdEMAMix", {"weight_decay": 0.1}, [(7,), (100_003,)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _step_both(a, opt_a, b, opt_b, steps=3)
+    fallback = [w for w in caught if issubclass(w.category, kernels.FusedFallbackWarning)]
+    assert len(fallback) == 1
+    assert "foreach" in str(fallback[0].message) and "LONGMEM_CC" in str(fallback[0].message)
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)  # the foreach path itself
