@@ -294,7 +294,7 @@ def run_rule(
     if fused:
         from . import kernels  # imported on first use: plain optimizers never load it
 
-        steps = kernels.advance_steps(state_steps) or advance_steps(state_steps)
+        steps = kernels.advance_steps(state_steps, params) or advance_steps(state_steps)
         indices = kernels.run_fused(rule, params, grads, buffers, steps, maximize=maximize)
         foreach = True
     else:

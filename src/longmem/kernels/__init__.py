@@ -55,9 +55,12 @@ def _cpu_library() -> cpu.Library | None:
         return None
 
 
-def advance_steps(state_steps: Sequence[Tensor]) -> list[float] | None:
-    """Increment the step counters in one kernel call; None if the kernel is not available or a
-    counter is not a 0-d float32 CPU tensor (the caller then does it with torch)."""
+def advance_steps(state_steps: Sequence[Tensor], params: Sequence[Tensor]) -> list[float] | None:
+    """Increment the step counters in one CPU kernel call; None where that kernel is not wanted
+    (no CPU parameters) or not available, or a counter is not a 0-d float32 CPU tensor: the caller
+    then does it with torch."""
+    if not any(p.device.type == "cpu" for p in params):
+        return None
     if not all(s.dtype == torch.float32 and s.device.type == "cpu" and s.dim() == 0 for s in state_steps):
         return None
     lib = _cpu_library()
@@ -81,45 +84,28 @@ def run_fused(
     """
     names = [name for name, tensors in buffers.items() if tensors is not None]
     absent = [name for name, tensors in buffers.items() if tensors is None]
-    state = [buffers[name] for name in names]
-    on_cpu: dict[float, list[int]] = {}
-    on_cuda: dict[tuple[object, float], list[int]] = {}
+    state: list[Sequence[Tensor]] = [buffers[name] for name in names]  # type: ignore[misc]
+
+    def trace(t: float) -> program.Program:
+        return program.trace(rule, t, names, absent)
+
+    on_cpu: list[int] = []
+    on_cuda: list[int] = []
     left: list[int] = []
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        bufs = [s[i] for s in state]  # type: ignore[index]
-        device = p.device.type
-        if device == "cpu" and cpu.supports(p, g, bufs):
-            on_cpu.setdefault(steps[i], []).append(i)
-        elif device == "cuda":
-            on_cuda.setdefault((p.device, steps[i]), []).append(i)
+    for i, p in enumerate(params):
+        if p.is_cpu:
+            on_cpu.append(i)
+        elif p.is_cuda:
+            on_cuda.append(i)
         else:
             left.append(i)
-
-    if on_cpu and _cpu_library() is None:
-        left.extend(i for indices in on_cpu.values() for i in indices)
-        on_cpu = {}
-    for t, indices in on_cpu.items():
-        prog = program.trace(rule, t, names, absent)
-        cpu.run(
-            prog,
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            [[s[i] for i in indices] for s in state],  # type: ignore[index]
-            maximize,
-        )
-
+    if on_cpu:
+        if _cpu_library() is None:
+            left += on_cpu
+        else:
+            left += cpu.run_step(trace, params, grads, state, steps, on_cpu, maximize)
     if on_cuda:
         from . import cuda
 
-        for (_, t), indices in on_cuda.items():
-            prog = program.trace(rule, t, names, absent)
-            done = cuda.run(
-                prog,
-                [params[i] for i in indices],
-                [grads[i] for i in indices],
-                [[s[i] for i in indices] for s in state],  # type: ignore[index]
-                maximize,
-                warn=_warn_once,
-            )
-            left.extend(i for i, ok in zip(indices, done, strict=True) if not ok)
+        left += cuda.run_step(trace, params, grads, state, steps, on_cuda, maximize, warn=_warn_once)
     return sorted(left)

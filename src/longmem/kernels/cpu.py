@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,6 +64,7 @@ DTYPE_CODES = {
     torch.complex64: (0, 2),  # viewed as float32 pairs, as torch.view_as_real
     torch.complex32: (2, 2),
 }
+#: state dtype by float values per element (real, complex)
 STATE_DTYPES = (torch.float32, torch.complex64)
 
 
@@ -337,16 +338,6 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def supports(p: Tensor, g: Tensor, state: Sequence[Tensor]) -> bool:
-    """Whether the CPU kernels can update ``p`` (dtype, layout and state precision)."""
-    if p.dtype not in DTYPE_CODES or g.dtype not in DTYPE_CODES or p.is_complex() != g.is_complex():
-        return False
-    if not (p.is_contiguous() and g.is_contiguous()) or p.numel() != g.numel():
-        return False
-    complex_ = p.is_complex()
-    return all(s.dtype in STATE_DTYPES and s.is_complex() == complex_ and s.is_contiguous() for s in state)
-
-
 def advance_steps(lib: Library, steps: Sequence[Tensor]) -> list[float]:
     """``step += 1`` for every float32 counter, in one call; returns the new values."""
     n = len(steps)
@@ -373,35 +364,101 @@ def _split(numels: Sequence[int], parts: int) -> list[int]:
     return cuts
 
 
-def run(
-    program: Program,
+class Batch:
+    """The tensors of one kernel call: a pointer table (parameters, gradients, then one row per
+    state buffer), and per tensor its number of float values and dtype codes."""
+
+    def __init__(self, n_buffers: int) -> None:
+        self.params: list[Tensor] = []
+        self.rows: list[list[int]] = [[] for _ in range(2 + n_buffers)]
+        self.numel: list[int] = []
+        self.p_dtype: list[int] = []
+        self.g_dtype: list[int] = []
+        self.keep: list[Tensor] = []  # tensors only the batch refers to (the pointers must stay valid)
+
+    @classmethod
+    def of(
+        cls, params: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Sequence[Tensor]]
+    ) -> Batch:
+        """A batch of tensors known to fit (no checks): for tests and direct use."""
+        batch = cls(len(state))
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            batch.params.append(p)
+            for k, x in enumerate((p, g, *(s[i] for s in state))):
+                batch.rows[k].append(x.data_ptr())
+                batch.keep.append(x)
+            code, width = DTYPE_CODES[p.dtype]
+            batch.numel.append(p.numel() * width)
+            batch.p_dtype.append(code)
+            batch.g_dtype.append(DTYPE_CODES[g.dtype][0])
+        return batch
+
+
+def run_step(
+    trace: Callable[[float], Program],
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     state: Sequence[Sequence[Tensor]],
+    steps: Sequence[float],
+    indices: Sequence[int],
     maximize: bool,
-) -> None:
-    """Execute ``program`` on every tensor (CPU tensors that :func:`supports` accepts)."""
+) -> list[int]:
+    """Run ``trace(t)``'s program on the CPU tensors at ``indices`` (one kernel call per distinct
+    step ``t``); returns the indices it cannot take (dtype, layout): the caller runs those."""
+    rejected: list[int] = []
+    batches: dict[float, Batch] = {}
+    n_buffers = len(state)
+    # one pass per tensor, checking and collecting together: this loop is the per-tensor cost of
+    # a fused step (about 1 us a tensor), so it avoids everything it can
+    for i in indices:
+        p, g = params[i], grads[i]
+        pc, gc = DTYPE_CODES.get(p.dtype), DTYPE_CODES.get(g.dtype)
+        if (
+            pc is None
+            or gc is None
+            or pc[1] != gc[1]
+            or not (g.is_cpu and p.is_contiguous() and g.is_contiguous())
+            or p.numel() != g.numel()
+        ):
+            rejected.append(i)
+            continue
+        state_dtype = STATE_DTYPES[pc[1] - 1]
+        bufs = [s[i] for s in state]
+        if not all(b.dtype == state_dtype and b.is_cpu and b.is_contiguous() for b in bufs):
+            rejected.append(i)
+            continue
+        batch = batches.get(steps[i])
+        if batch is None:
+            batch = batches[steps[i]] = Batch(n_buffers)
+        batch.params.append(p)
+        rows = batch.rows
+        rows[0].append(p.data_ptr())
+        rows[1].append(g.data_ptr())
+        for k, b in enumerate(bufs):
+            rows[2 + k].append(b.data_ptr())
+        batch.numel.append(p.numel() * pc[1])
+        batch.p_dtype.append(pc[0])
+        batch.g_dtype.append(gc[0])
+    for t, batch in batches.items():
+        run(trace(t), batch, maximize)
+    return rejected
+
+
+def run(program: Program, batch: Batch, maximize: bool) -> None:
+    """Execute ``program`` on the tensors of ``batch``."""
     lib = load()
-    n = len(params)
+    n = len(batch.numel)
     if n == 0:
         return
     scalars = array.array("d", program.scalars)
-    ptrs = array.array("q", [x.data_ptr() for x in params])
-    ptrs.extend([x.data_ptr() for x in grads])
-    for buf in state:
-        ptrs.extend([x.data_ptr() for x in buf])
-    numel = array.array("q", bytes(8 * n))
-    p_dtype = array.array("b", bytes(n))
-    g_dtype = array.array("b", bytes(n))
-    same_dtypes = True
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        code_p, width = DTYPE_CODES[p.dtype]
-        numel[i] = p.numel() * width
-        p_dtype[i] = code_p
-        g_dtype[i] = DTYPE_CODES[g.dtype][0]
-        same_dtypes = same_dtypes and code_p == g_dtype[i]
+    ptrs = array.array("q")
+    for row in batch.rows:
+        ptrs.extend(row)
+    numel = array.array("q", batch.numel)
+    p_dtype = array.array("b", batch.p_dtype)
+    g_dtype = array.array("b", batch.g_dtype)
 
-    kernel = _specialized_kernel(program) if SPECIALIZE and same_dtypes else None
+    kernel = _specialized_kernel(program) if SPECIALIZE and batch.p_dtype == batch.g_dtype else None
     if kernel is not None:
         fixed: tuple = (ptrs.buffer_info()[0], numel.buffer_info()[0], p_dtype.buffer_info()[0],
                         scalars.buffer_info()[0], int(maximize), n)  # fmt: skip
@@ -416,22 +473,21 @@ def run(
         if kernel(*fixed, begin, end) != 0:
             raise RuntimeError(f"longmem's CPU kernel rejected the program:\n{program}")
 
-    total = sum(numel)
+    total = sum(batch.numel)
     threads = max(1, min(torch.get_num_threads(), total // PARALLEL_MIN_ELEMENTS))
     if threads == 1:
         work(0, total)
     else:
-        cuts = _split(numel, threads)
+        cuts = _split(batch.numel, threads)
         futures = [_executor(threads - 1).submit(work, cuts[k], cuts[k + 1]) for k in range(1, threads)]
         try:
             work(cuts[0], cuts[1])
         finally:
             for f in futures:
                 f.result()
-    # The kernel wrote through raw pointers: tell autograd, as an in-place torch op would.
-    bump_versions(params)
-    for buf in state:
-        bump_versions(buf)
+    # The kernel wrote the parameters through raw pointers: tell autograd, as an in-place torch
+    # operation would (state buffers take no part in autograd graphs).
+    bump_versions(batch.params)
 
 
 def bump_versions(tensors: Sequence[Tensor]) -> None:
