@@ -106,6 +106,10 @@ class TensorOps:
         torch.minimum(x, y, out=x)
 
     @staticmethod
+    def lerp_(x: Tensor, y: Tensor, weight: float) -> None:
+        x.lerp_(y, weight)
+
+    @staticmethod
     def copy_(x: Tensor, y: Tensor) -> None:
         x.copy_(y)
 
@@ -180,6 +184,10 @@ class ListOps:
     @staticmethod
     def minimum_(x: list[Tensor], y: list[Tensor]) -> None:
         torch._foreach_minimum_(x, y)
+
+    @staticmethod
+    def lerp_(x: list[Tensor], y: list[Tensor], weight: float) -> None:
+        torch._foreach_lerp_(x, y, weight)
 
     @staticmethod
     def copy_(x: list[Tensor], y: list[Tensor]) -> None:

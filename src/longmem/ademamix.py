@@ -199,28 +199,29 @@ def _ademamix_rule(
     alpha_t = alpha_schedule(t, alpha, alpha_warmup)
     beta3_t = beta_halflife_schedule(t, beta1, beta3, beta3_warmup)
     bias_correction1 = 1.0 - beta1**t
-    bias_correction2 = 1.0 - beta2**t
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
 
+    # The EMAs as lerps, m += (1 - beta) * (g - m): one pass over memory each instead of two.
     if exp_avg_fast is not None:
-        ops.mul_(exp_avg_fast, beta1)
-        ops.add_(exp_avg_fast, g, alpha=1.0 - beta1)
+        ops.lerp_(exp_avg_fast, g, 1.0 - beta1)
         fast = exp_avg_fast
     else:
         fast = g
-    ops.mul_(exp_avg_slow, beta3_t)
-    ops.add_(exp_avg_slow, g, alpha=1.0 - beta3_t)
+    ops.lerp_(exp_avg_slow, g, 1.0 - beta3_t)
     ops.mul_(exp_avg_sq, beta2)
     ops.addcmul_(exp_avg_sq, g, g, value=1.0 - beta2)
 
+    # The update, rearranged exactly so that the foreach path makes few passes and allocates one
+    # temporary (as torch's AdamW does):
+    #   (m1 / bc1 + alpha_t * m2) / (sqrt(nu) / sqrt(bc2) + eps)
+    #     = (sqrt(bc2) / bc1) * m1 / d + sqrt(bc2) * alpha_t * m2 / d,   d = sqrt(nu) + eps * sqrt(bc2)
+    # and the decoupled decay p - lr * wd * p as one product.
     denom = ops.sqrt(exp_avg_sq)
-    ops.div_(denom, math.sqrt(bias_correction2))
-    ops.add_scalar_(denom, eps)
-    update = ops.div(fast, bias_correction1)
-    ops.add_(update, exp_avg_slow, alpha=alpha_t)
-    ops.div_(update, denom)
+    ops.add_scalar_(denom, eps * bias_correction2_sqrt)
     if weight_decay != 0.0:
-        ops.add_(update, p, alpha=weight_decay)
-    ops.add_(p, update, alpha=-lr)
+        ops.mul_(p, 1.0 - lr * weight_decay)
+    ops.addcdiv_(p, fast, denom, value=-lr * bias_correction2_sqrt / bias_correction1)
+    ops.addcdiv_(p, exp_avg_slow, denom, value=-lr * bias_correction2_sqrt * alpha_t)
 
 
 def ademamix(

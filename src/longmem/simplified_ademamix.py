@@ -167,17 +167,20 @@ def _simplified_ademamix_rule(
     ops.mul_(exp_avg_sq, beta2)
     ops.addcmul_(exp_avg_sq, g, g, value=1.0 - beta2)
 
+    # The update, rearranged exactly so that the foreach path makes few passes and allocates one
+    # temporary: with c = sqrt(1 - beta2^t) (1 without bias_correction2) and W = W_t (1 without
+    # bias_correction1),
+    #   (alpha * g + m) / (sqrt(nu) / c + eps) / W = (c / W) * m / d + (c / W) * alpha * g / d,
+    # d = sqrt(nu) + eps * c; and the decoupled decay p - lr * wd * p as one product.
+    c = math.sqrt(1.0 - beta2**t) if bias_correction2 else 1.0
+    scale = lr * c / weight_sums[t] if bias_correction1 else lr * c
     denom = ops.sqrt(exp_avg_sq)
-    if bias_correction2:
-        ops.div_(denom, math.sqrt(1.0 - beta2**t))
-    ops.add_scalar_(denom, eps)
-    update = ops.add(exp_avg, g, alpha=alpha)
-    ops.div_(update, denom)
-    if bias_correction1:
-        ops.div_(update, weight_sums[t])
+    ops.add_scalar_(denom, eps * c)
     if weight_decay != 0.0:
-        ops.add_(update, p, alpha=weight_decay)
-    ops.add_(p, update, alpha=-lr)
+        ops.mul_(p, 1.0 - lr * weight_decay)
+    ops.addcdiv_(p, exp_avg, denom, value=-scale)
+    if alpha != 0.0:
+        ops.addcdiv_(p, g, denom, value=-scale * alpha)
 
 
 def simplified_ademamix(
