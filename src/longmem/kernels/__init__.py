@@ -13,6 +13,7 @@ A kernel that cannot be built is reported once per process with a warning.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -29,6 +30,8 @@ class FusedFallbackWarning(UserWarning):
 
 
 _warned: set[str] = set()
+_dtype = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
 
 
 def _warn_once(kind: str, message: str) -> None:
@@ -59,9 +62,11 @@ def advance_steps(state_steps: Sequence[Tensor], params: Sequence[Tensor]) -> li
     """Increment the step counters in one CPU kernel call; None where that kernel is not wanted
     (no CPU parameters) or not available, or a counter is not a 0-d float32 CPU tensor: the caller
     then does it with torch."""
-    if not any(p.device.type == "cpu" for p in params):
+    if not any(map(_is_cpu, params)):
         return None
-    if not all(s.dtype == torch.float32 and s.device.type == "cpu" and s.dim() == 0 for s in state_steps):
+    if set(map(_dtype, state_steps)) != {torch.float32} or not all(map(_is_cpu, state_steps)):
+        return None
+    if any(map(Tensor.dim, state_steps)):
         return None
     lib = _cpu_library()
     if lib is None:
@@ -92,13 +97,16 @@ def run_fused(
     on_cpu: list[int] = []
     on_cuda: list[int] = []
     left: list[int] = []
-    for i, p in enumerate(params):
-        if p.is_cpu:
-            on_cpu.append(i)
-        elif p.is_cuda:
-            on_cuda.append(i)
-        else:
-            left.append(i)
+    if all(map(_is_cpu, params)):
+        on_cpu = list(range(len(params)))
+    else:
+        for i, p in enumerate(params):
+            if p.is_cpu:
+                on_cpu.append(i)
+            elif p.is_cuda:
+                on_cuda.append(i)
+            else:
+                left.append(i)
     if on_cpu:
         if _cpu_library() is None:
             left += on_cpu
