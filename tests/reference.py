@@ -20,6 +20,11 @@ def _t(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=DTYPE).clone()
 
 
+def _decay(weight_decay: float, p: torch.Tensor):
+    """``weight_decay * p``; exactly 0 when weight_decay is 0 (no decay term, even where p is +-inf)."""
+    return weight_decay * p if weight_decay != 0.0 else 0.0
+
+
 # --------------------------------------------------------------------------- schedules
 
 
@@ -103,7 +108,7 @@ def ademamix_step(
     bc1 = 1.0 - b1**t
     bc2 = 1.0 - b2**t
     update = (m1 / bc1 + alpha_t * m2) / (torch.sqrt(nu / bc2) + eps)
-    return p - lr * (update + weight_decay * p)
+    return p - lr * (update + _decay(weight_decay, p))
 
 
 # --------------------------------------------------------------------------- Simplified AdEMAMix
@@ -157,7 +162,7 @@ def simplified_ademamix_step(
     update = (alpha * g + m) / denom
     if bias_correction1:
         update = update / w
-    return p - lr * (update + weight_decay * p)
+    return p - lr * (update + _decay(weight_decay, p))
 
 
 # --------------------------------------------------------------------------- AdaMod
@@ -216,7 +221,7 @@ def diffgrad_step(
     p, g = _t(p), _t(g)
     if maximize:
         g = -g
-    g = g + weight_decay * p  # L2: decay is added to the gradient
+    g = g + _decay(weight_decay, p)  # L2: decay is added to the gradient
     b1, b2 = (float(b) for b in betas)
     t = state["step"] + 1
     state["step"] = t

@@ -4,6 +4,7 @@ AdEMAMix (arXiv:2409.03137), Simplified AdEMAMix (arXiv:2502.02431), AdaMod (arX
 diffGrad (arXiv:1909.11015) and DiffMod, each a drop-in ``torch.optim.Optimizer``.
 """
 
+from ._nonfinite import NonFiniteGradientError
 from .adamod import AdaMod
 from .ademamix import AdEMAMix
 from .diffgrad import DiffGrad
@@ -18,6 +19,7 @@ __all__ = [
     "AdaMod",
     "DiffGrad",
     "DiffMod",
+    "NonFiniteGradientError",
     "SimplifiedAdEMAMix",
     "__version__",
     "create_optimizer",

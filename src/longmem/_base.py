@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
 from typing import Any, ClassVar
 
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _nonfinite
 from ._elementwise import _is_dtensor, default_foreach
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -38,6 +39,12 @@ def _new_step() -> Tensor:
     return torch.zeros((), dtype=torch.float32)
 
 
+#: top-level key of every longmem state dict: ``{"format": FORMAT_VERSION, "optimizer": class name}``;
+#: a state dict without it is format 0 (saved before formats existed, or by torch-style tools)
+FORMAT_KEY = "longmem"
+FORMAT_VERSION = 1
+
+
 class LongMemOptimizer(Optimizer):
     """Base class: subclasses set ``_buffers`` and implement ``_validate_group``/``_update_group``."""
 
@@ -45,6 +52,8 @@ class LongMemOptimizer(Optimizer):
     _buffers: ClassVar[tuple[str, ...]] = ()
     #: 0-d scalar state beside ``step``: name -> factory of its initial value
     _scalars: ClassVar[dict[str, Callable[[], Tensor]]] = {}
+    #: steps skipped by ``nonfinite="skip"`` since this optimizer was made (not saved in state dicts)
+    skipped_steps: int = 0
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         if isinstance(defaults.get("betas"), list):
@@ -74,6 +83,7 @@ class LongMemOptimizer(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
+            group.setdefault("nonfinite", _nonfinite.DEFAULT)
 
     # ---- state --------------------------------------------------------------------------------
     def _buffers_for(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -132,6 +142,10 @@ class LongMemOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # nonfinite="skip"/"raise": one check over every gradient before anything changes
+        if not _nonfinite.grads_are_finite(type(self).__name__, self.param_groups):
+            self.skipped_steps += 1
+            return loss
         for group in self.param_groups:
             params, grads, state, steps = self._collect(group)
             if not params:
@@ -143,6 +157,19 @@ class LongMemOptimizer(Optimizer):
         return loss
 
     # ---- checkpoints ------------------------------------------------------------------------
+    def _format_name(self) -> str:
+        """The longmem optimizer this is (a user's subclass of AdEMAMix saves as ``AdEMAMix``)."""
+        for cls in type(self).__mro__:
+            if cls.__module__.startswith("longmem.") and cls is not LongMemOptimizer:
+                return cls.__name__
+        return type(self).__name__
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict, plus ``"longmem": {"format": 1, "optimizer": name}``."""
+        state_dict = super().state_dict()
+        state_dict[FORMAT_KEY] = {"format": FORMAT_VERSION, "optimizer": self._format_name()}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by the same optimizer class, exactly.
 
@@ -151,12 +178,19 @@ class LongMemOptimizer(Optimizer):
         buffers keep their saved precision (float32 for bf16 parameters) instead of being cast to
         the parameter's dtype, and are copied, never aliased with the loaded dict.
         """
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: not a dict: {type(state_dict)}")
         state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_groups, id_map = self._check_state_dict(state_dict)
+        try:
+            saved_groups, id_map = self._check_state_dict(state_dict)
+        except (TypeError, KeyError, AttributeError, IndexError) as err:  # a structure no check foresaw
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: malformed state dict ({type(err).__name__}: {err})"
+            ) from err
 
         state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         for key, value in state_dict["state"].items():
@@ -172,6 +206,8 @@ class LongMemOptimizer(Optimizer):
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             saved["params"] = group["params"]
+            if "nonfinite" not in saved:  # format 0: keep this optimizer's own choice
+                saved["nonfinite"] = group.get("nonfinite", _nonfinite.DEFAULT)
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
             new_groups.append(saved)
@@ -180,6 +216,10 @@ class LongMemOptimizer(Optimizer):
             post_hook(self)
 
     def _restore_state_value(self, param: Tensor, name: str, value: Any) -> Any:
+        if name == "step" and not (isinstance(value, Tensor) and value.dim() == 0):
+            return torch.tensor(float(value), dtype=torch.float32)  # a number, or shape (1,) (torch < 1.12)
+        if name in self._scalars and not (isinstance(value, Tensor) and value.dim() == 0):
+            return torch.tensor(float(value), dtype=self._scalars[name]().dtype)
         if not isinstance(value, Tensor):
             return deepcopy(value)
         if name == "step" or name in self._scalars:
@@ -190,7 +230,19 @@ class LongMemOptimizer(Optimizer):
         name = type(self).__name__
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError(f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups'")
-        saved_groups = deepcopy(state_dict["param_groups"])
+        self._check_format(state_dict.get(FORMAT_KEY))
+        where = f"{name}.load_state_dict"
+        groups = state_dict["param_groups"]
+        if not isinstance(state_dict["state"], Mapping):
+            raise ValueError(f"{where}: 'state' must be a dict, not {type(state_dict['state'])}")
+        if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups
+        ):
+            raise ValueError(f"{where}: 'param_groups' must be a list of dicts with 'params' lists")
+        pids = [pid for g in groups for pid in g["params"]]
+        if len(set(pids)) != len(pids):
+            raise ValueError(f"{where}: a parameter id appears twice in 'param_groups': {pids}")
+        saved_groups = [dict(g) for g in deepcopy(groups)]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"{name}.load_state_dict: the state dict has {len(saved_groups)} parameter groups, "
@@ -203,7 +255,7 @@ class LongMemOptimizer(Optimizer):
                     f"in the state dict and {len(group['params'])} in this optimizer"
                 )
             # torch's __setstate__ (run by every load) adds "differentiable" to the defaults
-            optional = ("foreach", "maximize", "fused", "differentiable")
+            optional = ("foreach", "maximize", "fused", "differentiable", "nonfinite")
             missing = sorted(k for k in self.defaults if k not in saved and k not in optional)
             if missing:
                 raise ValueError(
@@ -225,6 +277,26 @@ class LongMemOptimizer(Optimizer):
                 continue
             self._check_param_state(pid, id_map[pid], value, {**self.defaults, **group_of[pid]})
         return saved_groups, id_map
+
+    def _check_format(self, meta: Any) -> None:
+        """The ``"longmem"`` entry: absent (format 0), or this optimizer's, in a format this version reads."""
+        name = type(self).__name__
+        if meta is None:
+            return
+        fmt = meta.get("format") if isinstance(meta, Mapping) else None
+        saved_by = meta.get("optimizer") if isinstance(meta, Mapping) else None
+        if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1 or not isinstance(saved_by, str):
+            raise ValueError(f"{name}.load_state_dict: malformed {FORMAT_KEY!r} entry {meta!r}")
+        if fmt > FORMAT_VERSION:
+            raise ValueError(
+                f"{name}.load_state_dict: the state dict has format {fmt}, written by a newer longmem; this "
+                f"version reads formats up to {FORMAT_VERSION}. Upgrade longmem to load it"
+            )
+        if saved_by != self._format_name():
+            raise ValueError(
+                f"{name}.load_state_dict: the state dict was saved by longmem.{saved_by}, not by "
+                f"longmem.{self._format_name()}; load it into a {saved_by}"
+            )
 
     def _check_param_state(self, pid: Any, param: Tensor, value: Any, group: dict[str, Any]) -> None:
         name = type(self).__name__
@@ -249,6 +321,11 @@ class LongMemOptimizer(Optimizer):
             or not (math.isfinite(step_value) and step_value >= 0 and float(step_value).is_integer())
         ):
             raise ValueError(f"{where}: 'step' must be a whole number >= 0, got {step!r}")
+        for key in self._scalars:
+            scalar = value[key]
+            x = scalar.item() if isinstance(scalar, Tensor) and scalar.numel() == 1 else scalar
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x >= 0):
+                raise ValueError(f"{where}: {key!r} must be a finite number >= 0, got {scalar!r}")
         for key in value.keys() & set(self._buffers):
             buf = value[key]
             if not isinstance(buf, Tensor) or buf.shape != param.shape:

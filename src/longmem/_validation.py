@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from ._nonfinite import DEFAULT as NONFINITE_DEFAULT
+from ._nonfinite import check_mode as check_nonfinite
+
 
 def _as_real(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
@@ -80,3 +83,4 @@ def check_common(group: dict[str, Any], beta_count: int) -> None:
     check_bool("maximize", group["maximize"])
     check_foreach(group["foreach"])
     check_fused(group.get("fused"), group["foreach"])
+    check_nonfinite(group.get("nonfinite", NONFINITE_DEFAULT))

@@ -46,6 +46,9 @@ class AdaMod(LongMemOptimizer):
         maximize: maximize the objective instead of minimizing it.
         fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
             first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
+        nonfinite: a step whose gradients hold NaN or Inf: ``"ignore"`` (default: no check, as
+            torch.optim), ``"skip"`` (nothing changes) or ``"raise"`` (an error naming the parameter).
+            The check reads every gradient once per step: NONFINITE_COST.
 
     State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), ``exp_avg_lr`` (s).
     """
@@ -64,6 +67,7 @@ class AdaMod(LongMemOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
+        nonfinite: str = "ignore",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -74,6 +78,7 @@ class AdaMod(LongMemOptimizer):
             foreach=foreach,
             maximize=maximize,
             fused=fused,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 

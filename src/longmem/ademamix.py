@@ -47,6 +47,9 @@ class AdEMAMix(LongMemOptimizer):
         maximize: maximize the objective instead of minimizing it.
         fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
             first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
+        nonfinite: a step whose gradients hold NaN or Inf: ``"ignore"`` (default: no check, as
+            torch.optim), ``"skip"`` (nothing changes) or ``"raise"`` (an error naming the parameter).
+            The check reads every gradient once per step: NONFINITE_COST.
 
     State per parameter: ``step``, ``exp_avg_fast`` (m1), ``exp_avg_slow`` (m2), ``exp_avg_sq`` (nu),
     float32 for bf16/fp16 parameters.
@@ -68,6 +71,7 @@ class AdEMAMix(LongMemOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
+        nonfinite: str = "ignore",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -80,6 +84,7 @@ class AdEMAMix(LongMemOptimizer):
             foreach=foreach,
             maximize=maximize,
             fused=fused,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 

@@ -52,6 +52,9 @@ class DiffGrad(LongMemOptimizer):
         maximize: maximize the objective instead of minimizing it.
         fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
             first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
+        nonfinite: a step whose gradients hold NaN or Inf: ``"ignore"`` (default: no check, as
+            torch.optim), ``"skip"`` (nothing changes) or ``"raise"`` (an error naming the parameter).
+            The check reads every gradient once per step: NONFINITE_COST.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``, ``previous_grad``.
     """
@@ -69,6 +72,7 @@ class DiffGrad(LongMemOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
+        nonfinite: str = "ignore",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -78,6 +82,7 @@ class DiffGrad(LongMemOptimizer):
             foreach=foreach,
             maximize=maximize,
             fused=fused,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 

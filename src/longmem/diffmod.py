@@ -64,6 +64,9 @@ class DiffMod(LongMemOptimizer):
         maximize: maximize the objective instead of minimizing it.
         fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
             first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
+        nonfinite: a step whose gradients hold NaN or Inf: ``"ignore"`` (default: no check, as
+            torch.optim), ``"skip"`` (nothing changes) or ``"raise"`` (an error naming the parameter).
+            The check reads every gradient once per step: NONFINITE_COST.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``, ``exp_avg_lr``, ``previous_grad``.
     """
@@ -83,6 +86,7 @@ class DiffMod(LongMemOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         fused: bool | None = None,
+        nonfinite: str = "ignore",
     ) -> None:
         len_memory, beta3 = _resolve_memory(len_memory, beta3)
         defaults = dict(
@@ -95,6 +99,7 @@ class DiffMod(LongMemOptimizer):
             foreach=foreach,
             maximize=maximize,
             fused=fused,
+            nonfinite=nonfinite,
         )
         super().__init__(params, defaults)
 
