@@ -501,8 +501,9 @@ def test_bad_options_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 2 and "--lr-factors" in text
 
 
-def test_entry_points() -> None:
+def test_entry_points(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env.pop("OMP_WAIT_POLICY", None)
     done = subprocess.run(
         [sys.executable, "-m", "longmem", "--help"], capture_output=True, text=True, env=env, check=False
     )
@@ -512,6 +513,12 @@ def test_entry_points() -> None:
     )
     for name in ("demo", "lm", "forgetting", "lr-sensitivity", "no-warmup", "vision", "schedulers", "toy"):
         assert name in done.stdout
+    # training restarts the interpreter once with OMP_WAIT_POLICY=PASSIVE (see longmem.cli.entry)
+    out = tmp_path / "toy"
+    args = [sys.executable, "-m", "longmem", *"run toy --steps 3 --seeds 1 --optimizers adam --quiet".split()]
+    done = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "| OMP_WAIT_POLICY | PASSIVE |" in (out / "report.md").read_text()
 
 
 def test_stdlib_corpus_is_split_by_file() -> None:

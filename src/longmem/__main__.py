@@ -1,5 +1,5 @@
 """``python -m longmem``: the ``longmem`` command."""
 
-from longmem.cli import main
+from longmem.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -172,6 +172,7 @@ def comparison_verdict(
     steps: int,
     key: str = "loss",
     key_label: str = "held-out loss",
+    note_seeds: bool = True,
 ) -> str:
     """Honest sentences: who beat the reference on the final held-out ``key``, beyond the seed spread."""
     if reference not in summary:
@@ -213,7 +214,7 @@ def comparison_verdict(
                 else ""
             )
             sentences.append(f"{label} does not beat {ref_label} here ({vs}){extra}.")
-    if ref["seeds"] and len(ref["seeds"]) == 1:
+    if note_seeds and len(ref["seeds"]) == 1:
         sentences.append("One seed only: no estimate of the seed-to-seed spread (use --seeds 3).")
     return " ".join(sentences)
 

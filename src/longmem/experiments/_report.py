@@ -45,7 +45,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     m = sum(vals) / len(vals)
     if len(vals) == 1:
         return m, 0.0
-    var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1)
+    var = sum((v - m) * (v - m) for v in vals) / (len(vals) - 1)  # inf, not OverflowError
     return m, math.sqrt(var)
 
 
@@ -166,12 +166,15 @@ def plot_curves(
     linestyle: str = "-",
     marker: str | None = None,
     x_offset: float = 0.0,
+    ymax: float = 1e30,
 ) -> None:
-    """Mean over seeds of one curve per group, with the min-max band over seeds shaded."""
+    """Mean over seeds of one curve per group, with the min-max band over seeds shaded. Values above
+    ``ymax`` (a run blowing up) are left out of the drawing."""
     for group, recs in groups.items():
         steps, per_seed = aggregate(recs, where, key)
         if not steps:
             continue
+        per_seed = [[v if math.isfinite(v) and v <= ymax else math.nan for v in vals] for vals in per_seed]
         xs = [s - x_offset for s in steps]
         mean = [mean_std(col)[0] for col in zip(*per_seed, strict=True)]
         color = colors.get(group)
@@ -243,6 +246,7 @@ def versions() -> dict[str, str]:
         "machine": platform.machine(),
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
     }
     try:
         import numpy

@@ -152,6 +152,7 @@ class Experiment:
     def optimizer_table(
         cfg: dict[str, Any], keys: list[str], options: dict[str, Any] | None = None, weight_decay: float = 0.0
     ) -> list[tuple[str, str]]:
+        """(label, settings) of each optimizer, for the report's setup section."""
         out = []
         for key in keys:
             info = OPTIMIZERS[key]
@@ -230,8 +231,13 @@ def run_experiment(
             )
             shutil.rmtree(ckdir)
     plan = exp.plan(cfg)  # loads the data: may raise DataMissingError before anything is written
+    earlier_wall = 0.0  # time spent before an interruption
+    if resume and config_path.is_file():
+        earlier_wall = float(json.loads(config_path.read_text(encoding="utf-8")).get("wall_time_s", 0.0))
     ckdir.mkdir(parents=True, exist_ok=True)
-    write_json(config_path, {"experiment": exp.name, "config": cfg, "argv": argv_first})
+    write_json(
+        config_path, {"experiment": exp.name, "config": cfg, "argv": argv_first, "wall_time_s": earlier_wall}
+    )
     # The report shows the command that reproduces the whole result from scratch.
     command = command_line([a for a in argv_first if a != "--resume"])
 
@@ -264,7 +270,7 @@ def run_experiment(
         except KeyboardInterrupt:
             interrupted = "abort"
     wall = time.perf_counter() - t0
-    wall_total = wall + float(json.loads(config_path.read_text(encoding="utf-8")).get("wall_time_s", 0.0))
+    wall_total = wall + earlier_wall
     info = versions()
     setup = [
         *plan.setup,

@@ -19,7 +19,7 @@ from ._compare import group_color
 from ._data import ByteCorpus
 from ._lm import EVAL_WINDOWS, LM_CHOICES, LM_DEFAULTS, LM_OPTIONS, LMTask, _windows, lm_task_from_config
 from ._models import GPTConfig
-from ._optim import OPTIMIZERS, ademamix_beta3_for, optimizer_label
+from ._optim import ademamix_beta3_for, optimizer_label
 from ._report import (
     Figure,
     ReportContent,
@@ -178,11 +178,7 @@ class ForgettingExperiment(Experiment):
             f"lr schedule (every optimizer): linear warm-up over {warmup} steps, cosine decay to 10%; weight "
             f"decay {WEIGHT_DECAY}, clipping at norm {CLIP}",
         ]
-        optimizers = []
-        for key in cfg["optimizers"]:
-            info = OPTIMIZERS[key]
-            desc = info.describe(cfg["lr"] * info.lr_scale, steps, WEIGHT_DECAY, opts)
-            optimizers.append((info.label, f"peak lr {cfg['lr'] * info.lr_scale:g}; {desc}"))
+        optimizers = self.optimizer_table(cfg, cfg["optimizers"], opts, WEIGHT_DECAY)
         return Plan({"main": task}, runs, setup, optimizers)
 
     def summarize(

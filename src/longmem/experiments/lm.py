@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from ._compare import comparison_table, comparison_verdict, difference_figure, loss_figure
 from ._lm import LM_CHOICES, LM_DEFAULTS, LM_OPTIONS, lm_task_from_config
-from ._optim import OPTIMIZERS, ademamix_beta3_for, optimizer_label
+from ._optim import ademamix_beta3_for, optimizer_label
 from ._report import ReportContent, group_runs, over_seeds
 from ._runner import Experiment, Plan
 from ._train import RunSpec
@@ -95,12 +95,7 @@ class LMExperiment(Experiment):
             "as in the "
             "paper",
         ]
-        optimizers = []
-        for key in cfg["optimizers"]:
-            info = OPTIMIZERS[key]
-            opts = self.ademamix_options(cfg) if key == "ademamix" else {}
-            desc = info.describe(cfg["lr"] * info.lr_scale, steps, WEIGHT_DECAY, opts)
-            optimizers.append((info.label, f"peak lr {cfg['lr'] * info.lr_scale:g}; {desc}"))
+        optimizers = self.optimizer_table(cfg, cfg["optimizers"], self.ademamix_options(cfg), WEIGHT_DECAY)
         return Plan({"main": task}, runs, setup, optimizers)
 
     def summarize(

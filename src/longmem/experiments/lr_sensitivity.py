@@ -227,29 +227,33 @@ class LRSensitivityExperiment(Experiment):
     ) -> Figure:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4.2))
+        points: dict[str, list[tuple[float, float, float, float]]] = {}  # key -> (factor, mean, min, max)
         for key, e in summary["optimizers"].items():
-            xs, ys, lo, hi = [], [], [], []
+            points[key] = []
             for f in factors:
-                finals = [v for v in e["final_heldout_loss"][f"{f:g}"] if math.isfinite(v)]
-                if not finals or len(finals) < len(e["final_heldout_loss"][f"{f:g}"]):
-                    continue
-                m = mean_std(finals)[0]
-                xs.append(f)
-                ys.append(m)
-                lo.append(m - min(finals))
-                hi.append(max(finals) - m)
+                finals = e["final_heldout_loss"][f"{f:g}"]
+                if finals and all(math.isfinite(v) for v in finals):
+                    points[key].append((f, mean_std(finals)[0], min(finals), max(finals)))
+        means = sorted(p[1] for pts in points.values() for p in pts)
+        # Losses that blew up (or runs that diverged) would flatten every other curve: cap the axis.
+        cap = min(means[-1], 2 * means[len(means) // 2]) if means else 1.0
+        for key, pts in points.items():
+            e = summary["optimizers"][key]
             color = OPTIMIZERS[key].color
-            ax.errorbar(xs, ys, yerr=[lo, hi], color=color, marker="o", capsize=3, label=e["label"])
-            diverged = [f for f in factors if f not in xs]
-            if diverged and ys:
-                ax.scatter(
-                    diverged,
-                    [max(ys)] * len(diverged),
-                    marker="x",
-                    color=color,
-                    s=60,
-                    label=f"{e['label']}: diverged",
-                )
+            shown = [p for p in pts if p[1] <= cap]
+            ax.errorbar(
+                [p[0] for p in shown],
+                [p[1] for p in shown],
+                yerr=[[p[1] - p[2] for p in shown], [min(p[3], cap) - p[1] for p in shown]],
+                color=color,
+                marker="o",
+                capsize=3,
+                label=e["label"],
+            )
+            above = [p[0] for p in pts if p[1] > cap] + [f for f in factors if f not in {p[0] for p in pts}]
+            if above:
+                ax.scatter(above, [cap] * len(above), marker="^", color=color, s=70, zorder=5)
+        ax.set_ylim(top=cap * 1.02)
         ax.set_xscale("log")
         ax.set_xlabel(f"lr / base lr (base: {cfg['lr']:g}; SGD {cfg['lr'] * OPTIMIZERS['sgd'].lr_scale:g})")
         ax.set_ylabel(f"final held-out loss, {unit}")
@@ -260,8 +264,8 @@ class LRSensitivityExperiment(Experiment):
         plt.close(fig)
         return Figure(
             "lr_sensitivity.png",
-            "Final held-out loss against the lr multiple, mean over seeds (bars: "
-            "min-max); x marks a setting that diverged",
+            "Final held-out loss against the lr multiple, mean over seeds (bars: min-max); a triangle at "
+            "the top marks a setting that diverged or ended off the chart (its number is in the table)",
         )
 
     @staticmethod

@@ -92,7 +92,7 @@ class ToyExperiment(Experiment):
         "and never takes an outsized step."
     )
     defaults: ClassVar[dict[str, Any]] = {
-        "steps": 1000,
+        "steps": 2000,
         "seeds": 3,
         "seed": 0,
         "optimizers": ["sgd", "adam", "ademamix", "adamod", "diffgrad", "diffmod", "simplified-ademamix"],
@@ -185,38 +185,51 @@ class ToyExperiment(Experiment):
         plt = pyplot()
         import numpy as np
 
-        fig, axes = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1.2, 1]})
-        xs = np.linspace(-2.2, 2.0, 300)
-        ys = np.linspace(-0.8, 3.6, 300)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5.4), gridspec_kw={"width_ratios": [1.2, 1]})
+        xs = np.linspace(-2.0, 2.0, 400)
+        ys = np.linspace(-1.0, 3.5, 400)
         gx, gy = np.meshgrid(xs, ys)
         fz = (1 - gx) ** 2 + 100 * (gy - gx**2) ** 2
-        axes[0].contour(gx, gy, np.log10(fz + 1e-3), levels=25, cmap="Greys", linewidths=0.6)
-        axes[0].plot([1], [1], marker="*", color="gold", markersize=14, markeredgecolor="k", zorder=5)
-        for recs in groups.values():
+        axes[0].contour(gx, gy, np.log10(fz), levels=np.linspace(-1, 3.3, 18), cmap="Greys", linewidths=0.6)
+        axes[0].plot([1], [1], marker="*", color="gold", markersize=16, markeredgecolor="k", zorder=5)
+        styles = ["-", "--", "-.", ":"]
+        for i, recs in enumerate(groups.values()):
             r = recs[0]
-            px = np.clip(np.array(r["probe"]["x"], dtype=float), -2.2, 2.0)
-            py = np.clip(np.array(r["probe"]["y"], dtype=float), -0.8, 3.6)
-            axes[0].plot(px, py, color=group_color(r), linewidth=1.3, label=r["spec"]["label"], alpha=0.9)
-            axes[0].plot(px[:1], py[:1], marker="o", color="k", markersize=4)
-        axes[0].set_xlim(-2.2, 2.0)
-        axes[0].set_ylim(-0.8, 3.6)
+            px = np.array(r["probe"]["x"], dtype=float)
+            py = np.array(r["probe"]["y"], dtype=float)
+            inside = (np.abs(px) < 10) & (np.abs(py) < 10)  # a blown-up run: draw only its start
+            px, py = px[inside], py[inside]
+            axes[0].plot(
+                px,
+                py,
+                color=group_color(r),
+                linewidth=1.6,
+                linestyle=styles[i % len(styles)],
+                label=r["spec"]["label"],
+                alpha=0.9,
+            )
+            axes[0].plot(px[-1:], py[-1:], marker="o", color=group_color(r), markersize=5, zorder=6)
+        start = groups[next(iter(groups))][0]["probe"]
+        axes[0].plot(start["x"][:1], start["y"][:1], marker="s", color="k", markersize=6, zorder=6)
+        axes[0].set_xlim(-2.0, 2.0)
+        axes[0].set_ylim(-1.0, 3.5)
         axes[0].set_xlabel("x")
         axes[0].set_ylabel("y")
-        axes[0].set_title("trajectories (first seed's start; star: minimum)")
-        axes[0].legend(fontsize=8, loc="lower right")
+        axes[0].set_title("paths from the first seed's start (square) to where they end (dots)")
         colors = {g: group_color(r[0]) for g, r in groups.items()}
         labels = {g: r[0]["spec"]["label"] for g, r in groups.items()}
-        plot_curves(axes[1], groups, "probe", "f", colors=colors, labels=labels)
+        plot_curves(axes[1], groups, "probe", "f", colors=colors, labels=labels, ymax=1e4)
         axes[1].set_yscale("log")
         axes[1].set_xlabel("step")
         axes[1].set_ylabel("f(x, y)")
-        axes[1].set_title("function value (mean over starts; shading min-max)")
-        axes[1].legend(fontsize=8)
-        fig.tight_layout()
+        axes[1].set_title("f against step (mean over starts; shading min-max)")
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=9)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         fig.savefig(out / "rosenbrock.png")
         plt.close(fig)
         return Figure(
             "rosenbrock.png",
-            "Left: each optimizer's path from the first seed's start over log-spaced "
-            "contours of f. Right: f against step on a log scale",
+            "Left: each optimizer's path from the first seed's start (square) over log-spaced contours "
+            "of f; star: the minimum. Right: f against step on a log scale",
         )

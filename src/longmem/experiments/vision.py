@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ._compare import comparison_table, comparison_verdict, difference_figure, loss_figure
 from ._data import ImageDataset, load_fashion_mnist
 from ._models import SmallCNN, count_parameters
-from ._optim import OPTIMIZERS, ademamix_beta3_for, optimizer_label
+from ._optim import ademamix_beta3_for, optimizer_label
 from ._report import ReportContent, group_runs
 from ._runner import Experiment, Plan
 from ._train import RunSpec, Task, batch_generator
@@ -146,11 +146,7 @@ class VisionExperiment(Experiment):
             f"lr schedule (every optimizer): linear warm-up over {warmup} steps, cosine decay to 10%; weight "
             f"decay {WEIGHT_DECAY} where the optimizer has decoupled decay; no clipping",
         ]
-        optimizers = []
-        for key in cfg["optimizers"]:
-            info = OPTIMIZERS[key]
-            desc = info.describe(cfg["lr"] * info.lr_scale, steps, WEIGHT_DECAY, opts)
-            optimizers.append((info.label, f"peak lr {cfg['lr'] * info.lr_scale:g}; {desc}"))
+        optimizers = self.optimizer_table(cfg, cfg["optimizers"], opts, WEIGHT_DECAY)
         return Plan({"main": task}, runs, setup, optimizers)
 
     def summarize(
@@ -197,7 +193,12 @@ class VisionExperiment(Experiment):
             [
                 comparison_verdict(per_group, reference=REFERENCE, steps=steps, key_label="test loss"),
                 comparison_verdict(
-                    acc_group, reference=REFERENCE, steps=steps, key="accuracy", key_label="test accuracy"
+                    acc_group,
+                    reference=REFERENCE,
+                    steps=steps,
+                    key="accuracy",
+                    key_label="test accuracy",
+                    note_seeds=False,
                 ),
             ]
         )
