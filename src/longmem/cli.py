@@ -98,19 +98,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from .experiments._data import DataMissingError
+    from .experiments._distributed import DataParallelError, init_world, leave_world, local_world_size
     from .experiments._runner import EXIT_DATA_MISSING, ConfigError, run_experiment
 
-    torch.set_num_threads(args.threads or _default_threads())
+    # under torchrun (data-parallel), the processes on this machine share its CPUs
+    torch.set_num_threads(args.threads or max(1, _default_threads() // local_world_size()))
     exp = DEMO if args.command == "demo" else EXPERIMENTS[args.experiment]
     given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in RUNTIME_OPTIONS}
+    init_world()
     try:
         return run_experiment(exp, given, out=args.out, argv=argv, resume=args.resume, quiet=args.quiet)
     except DataMissingError as e:
         print(f"longmem: {e}", file=sys.stderr)
         return EXIT_DATA_MISSING
-    except ConfigError as e:
+    except (ConfigError, DataParallelError) as e:
         print(f"longmem: {e}", file=sys.stderr)
         return EXIT_DATA_MISSING
+    finally:
+        leave_world()
 
 
 def entry() -> None:

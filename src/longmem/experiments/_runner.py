@@ -4,6 +4,7 @@ order with checkpoints, and writing its report (also a partial one after Ctrl-C)
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import shutil
@@ -15,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ._distributed import barrier, current_world
 from ._optim import OPTIMIZERS
 from ._report import (
     Figure,
@@ -207,8 +209,13 @@ def run_experiment(
     stream: Any = None,
 ) -> int:
     """Run experiment ``exp`` with the options ``given``; write ``report.md``, the JSON and the PNGs
-    into ``out``. Returns the exit status (0, or 130 after Ctrl-C with a checkpoint saved)."""
+    into ``out``. Returns the exit status (0, or 130 after Ctrl-C with a checkpoint saved).
+
+    Under ``torchrun`` every rank trains every run data-parallel; rank 0 alone writes and prints."""
+    world = current_world()
     stream = stream if stream is not None else sys.stderr
+    if not world.main:
+        stream = io.StringIO()
     out = Path(out or exp.default_out or f"runs/{exp.name}")
     argv = list(sys.argv[1:] if argv is None else argv)
     ckdir = out / CHECKPOINT_DIR
@@ -224,7 +231,7 @@ def run_experiment(
             cfg, argv_first = exp.resolve(given), argv
     else:
         cfg, argv_first = exp.resolve(given), argv
-        if ckdir.exists():
+        if ckdir.exists() and world.main:
             print(
                 f"Starting afresh: removing the old checkpoint {ckdir} (use --resume to continue it)",
                 file=stream,
@@ -234,10 +241,13 @@ def run_experiment(
     earlier_wall = 0.0  # time spent before an interruption
     if resume and config_path.is_file():
         earlier_wall = float(json.loads(config_path.read_text(encoding="utf-8")).get("wall_time_s", 0.0))
-    ckdir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        config_path, {"experiment": exp.name, "config": cfg, "argv": argv_first, "wall_time_s": earlier_wall}
-    )
+    if world.main:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        write_json(
+            config_path,
+            {"experiment": exp.name, "config": cfg, "argv": argv_first, "wall_time_s": earlier_wall},
+        )
+    barrier(world)  # no rank reads a checkpoint folder that rank 0 is still clearing
     # The report shows the command that reproduces the whole result from scratch.
     command = command_line([a for a in argv_first if a != "--resume"])
 
@@ -263,7 +273,8 @@ def run_experiment(
                     interrupt=interrupt,
                     progress=not quiet,
                 )
-                torch.save({"done": True, "record": record}, path)
+                if world.main:
+                    torch.save({"done": True, "record": record}, path)
                 records[spec.run_id] = record
         except InterruptedRun as e:
             interrupted = str(e)
@@ -271,9 +282,17 @@ def run_experiment(
             interrupted = "abort"
     wall = time.perf_counter() - t0
     wall_total = wall + earlier_wall
+    if not world.main:
+        return 0 if interrupted is None else EXIT_INTERRUPTED
     info = versions()
+    parallel = (
+        [f"Data-parallel: DDP over {world.size} processes (gloo), each on 1/{world.size} of every batch"]
+        if world.parallel
+        else []
+    )
     setup = [
         *plan.setup,
+        *parallel,
         f"Seeds: {', '.join(map(str, Experiment.seeds(cfg)))} (a seed fixes the initialisation and the data "
         "order; every optimizer sees the same batches in the same order)",
     ]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._distributed import current_world, data_parallel_loss, shard_batch, step_totals
 from ._optim import OPTIMIZERS, lr_at, make_optimizer
 from ._progress import ProgressBar
 
@@ -192,8 +193,11 @@ def train_run(
     """Train one run and return its record (curves and metrics, JSON-ready).
 
     ``state``: a checkpoint saved by an interrupted call, to continue from. On an interrupt request,
-    saves a checkpoint to ``checkpoint`` and raises :class:`InterruptedRun`.
+    saves a checkpoint to ``checkpoint`` and raises :class:`InterruptedRun`. Under ``torchrun`` each
+    rank trains on its share of every batch (see :mod:`._distributed`); rank 0 alone saves and shows
+    progress.
     """
+    world = current_world()
     torch.manual_seed(spec.seed)
     model = task.build_model()
     optimizer = make_optimizer(
@@ -219,9 +223,10 @@ def train_run(
             _append(record["probe"], 0, first_probe)
     start = int(record["steps_done"])
     params = [p for p in model.parameters() if p.requires_grad]
+    compute_loss = data_parallel_loss(task, model, world)
 
     def save_checkpoint() -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and world.main:
             _save(
                 checkpoint,
                 {
@@ -242,7 +247,7 @@ def train_run(
             text += f"  held-out {eval_key} {record['eval'][eval_key][-1]:.3f}"
         return text
 
-    bar = ProgressBar(spec.run_id, spec.steps, start=start, enabled=progress)
+    bar = ProgressBar(spec.run_id, spec.steps, start=start, enabled=progress and world.main)
     if start:
         bar.update(start, postfix())
     t_start = time.perf_counter() - float(record["wall_time_s"])
@@ -251,16 +256,17 @@ def train_run(
         lr = lr_at(step, peak=spec.peak_lr, total=spec.steps, warmup=spec.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = task.train_batch(step, spec.seed)
+        batch = shard_batch(task.train_batch(step, spec.seed), world)
         model.train()
-        loss = task.loss(model, batch)
+        loss = compute_loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if spec.clip:
             torch.nn.utils.clip_grad_norm_(params, spec.clip)
         optimizer.step()
         done = step + 1
-        value = float(loss.detach())
+        requested = interrupt.step_done() if interrupt is not None else False
+        value, stop = step_totals(float(loss.detach()), requested, world)
         _append(record["train"], done, {"loss": value, "lr": lr})
         record["steps_done"] = done
         diverged = not _finite(value)
@@ -282,7 +288,6 @@ def train_run(
             bar.close(f"diverged at step {done}")
             return record
         bar.update(done, postfix())
-        stop = interrupt.step_done() if interrupt is not None else False
         if stop and done < spec.steps:
             save_checkpoint()
             bar.close("interrupted, checkpoint saved")
