@@ -173,11 +173,19 @@ def test_forgetting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for group, entry in data["summary"]["optimizers"].items():
         probe = data["runs"][f"{group}-s0"]["probe"]
         assert {t_b, t_b + 1, 12} <= set(probe["step"])
-        gap = [c - b for b, c in zip(probe["loss_B"], probe["loss_control"], strict=True)]
-        jump = gap[probe["step"].index(t_b + 1)] - gap[probe["step"].index(t_b)]
+        diffs = [c - b for b, c in zip(probe["loss_B"], probe["loss_control"], strict=True)]
+        gap = dict(zip(probe["step"], diffs, strict=True))
+        # the baseline: the mean of the last 5 probes up to t_B (= 4: steps 0-4); the gain: the largest
+        # excess over it within a tenth of the 8 remaining steps, here the first step after t_B
+        assert t_b == 4
+        before = sum(gap[s] for s in range(5)) / 5
+        jump = gap[t_b + 1] - before
         assert entry["jump"][0] == pytest.approx(jump)
-        assert jump > 0  # training on B once lowers B's loss more than the controls'
+        assert gap[t_b + 1] > gap[t_b]  # training on B once lowers B's loss more than the controls'
         assert row_for(report, entry["label"])[1] == f"{jump:.3f}"
+        left = gap[12] - before  # the mean over the last tenth of the 8 steps after t_B: the last one
+        assert entry["left"][0] == pytest.approx(left)
+        assert entry["retained"][0] == (pytest.approx(left / jump) if jump > 0 else None)  # JSON: NaN -> null
 
 
 def test_lr_sensitivity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,15 +42,20 @@ def test_lm_under_torchrun_matches_single_process(tmp_path: Path, capsys: pytest
         filter(None, [str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH")])
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run(
+    job = subprocess.Popen(
         [*command, "-m", "longmem", *ARGS, "--out", str(parallel)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         env=env,
-        timeout=300,
-        check=False,
+        start_new_session=True,  # a hung job is killed with its worker processes
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        output, _ = job.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail("torchrun did not finish within 300 s: " + (job.communicate()[0] or "")[-3000:])
+    assert job.returncode == 0, output[-6000:]
 
     report = (parallel / "report.md").read_text(encoding="utf-8")
     assert "DDP over 2 processes" in report

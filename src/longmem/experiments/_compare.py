@@ -158,8 +158,8 @@ def comparison_table(
     header = ["optimizer", f"final {key_label}", "final train loss"]
     if not higher_better:
         header += [
-            f"steps it needed to reach {ref_label}'s final {key_label}",
-            f"steps {ref_label} needed to reach its final {key_label}",
+            f"steps this optimizer needed to reach {ref_label}'s final {key_label}",
+            f"steps {ref_label} needed to reach this optimizer's final {key_label}",
         ]
     header += [*extra, "wall time per run"]
     return Table(header, rows, note=note), summary

@@ -78,33 +78,40 @@ class ForgettingTask(LMTask):
         return {"loss_B": self.batch_loss(model, b), "loss_control": self.batch_loss(model, controls)}
 
 
+BASELINE_PROBES = 5  # B's advantage before the injection: the mean over the last probes up to t_B
+PEAK_WINDOW = 0.1  # the gain: the largest advantage within this fraction of the steps after t_B
+END_WINDOW = 0.1  # what is left: the mean advantage over this last fraction of the steps after t_B
+
+
 def forgetting_metrics(rec: dict[str, Any], inject_step: int) -> dict[str, Any]:
-    """From the probes: the advantage of B over the controls (control loss minus B's loss), taken relative to
-    its value just before the injection; its jump at the injection, what is left at the end, the fraction
-    retained and the steps until half of the jump is gone."""
+    """From the probes: B's advantage over the controls (control loss minus B's loss), relative to its
+    mean over the last few probes up to the injection. ``jump``: its largest value shortly after the
+    injection (the momentum keeps applying B's gradient for a few steps, so the peak comes after step
+    t_B + 1); ``left``: its mean over the end of the run; ``retained``: left / jump; ``half_life``: the
+    steps from the injection until it first falls to half the peak, after the peak."""
     probe = rec["probe"]
     steps = probe["step"]
+    empty = {"jump": math.nan, "left": math.nan, "retained": math.nan, "half_life": None, "curve": ([], [])}
     if rec["diverged_at"] is not None or inject_step not in steps or inject_step + 1 not in steps:
-        return {
-            "jump": math.nan,
-            "left": math.nan,
-            "retained": math.nan,
-            "half_life": None,
-            "curve": ([], []),
-        }
+        return empty
     gap = [c - b for b, c in zip(probe["loss_B"], probe["loss_control"], strict=True)]
-    before = gap[steps.index(inject_step)]
+    before_idx = [i for i, s in enumerate(steps) if s <= inject_step][-BASELINE_PROBES:]
+    before = sum(gap[i] for i in before_idx) / len(before_idx)
     after_steps = [s for s in steps if s > inject_step]
     excess = [gap[steps.index(s)] - before for s in after_steps]
-    jump = excess[0]
-    left = excess[-1]
-    # forgetting half of the jump: the first step at which the excess is down to jump / 2
-    half = steps_to_reach(after_steps, excess, jump / 2) if jump > 0 else None
+    span = max(after_steps[-1] - inject_step, 1)
+    early = [i for i, s in enumerate(after_steps) if s - inject_step <= max(1.0, PEAK_WINDOW * span)]
+    peak_i = max(early, key=lambda i: excess[i])
+    jump = excess[peak_i]
+    late = [x for s, x in zip(after_steps, excess, strict=True) if s - inject_step >= (1 - END_WINDOW) * span]
+    left = sum(late) / len(late)
+    # forgetting half of the gain: the first step after the peak at which the excess is down to jump / 2
+    half = steps_to_reach(after_steps[peak_i:], excess[peak_i:], jump / 2) if jump > 0 else None
     return {
         "jump": jump,
         "left": left,
         "retained": left / jump if jump > 0 else math.nan,
-        "half_life": None if half is None else half - (inject_step + 1),
+        "half_life": None if half is None else half - inject_step,
         "curve": ([s - inject_step for s in after_steps], excess),
     }
 
@@ -199,10 +206,10 @@ class ForgettingExperiment(Experiment):
             summary["optimizers"][group] = entry
             halves = entry["half_life"]
             reached = [h for h in halves if h is not None]
-            half_text = fmt_mean_std(reached, 0) if reached else f"more than {steps - t_b - 1}"
+            half_text = fmt_mean_std(reached, 0) if reached else f"more than {steps - t_b}"
             if reached and len(reached) < len(halves):
                 half_text += (
-                    f" ({len(halves) - len(reached)} of {len(halves)} seeds: more than {steps - t_b - 1})"
+                    f" ({len(halves) - len(reached)} of {len(halves)} seeds: more than {steps - t_b})"
                 )
             rows.append(
                 [
@@ -224,8 +231,12 @@ class ForgettingExperiment(Experiment):
                 "final held-out loss",
             ],
             rows,
-            note="Advantage: the controls' loss minus B's, relative to its value just before the injection; "
-            f"the end is step {steps}, {steps - t_b - 1} steps after the injection.",
+            note="Advantage: the controls' loss minus B's, relative to its mean over the last "
+            f"{BASELINE_PROBES} probes up to the injection. Gained: its largest value within "
+            f"{PEAK_WINDOW:.0%} of the remaining steps after it (momentum keeps applying B's gradient for a "
+            f"few steps); left: its mean over the last {END_WINDOW:.0%} of the run (to step {steps}, "
+            f"{steps - t_b} steps after the injection); steps to forget half: from the injection until it "
+            "first falls to half the gain.",
         )
         figures = [self._figure(groups, t_b, out)]
         verdict = self._verdict(summary["optimizers"])
@@ -252,10 +263,22 @@ class ForgettingExperiment(Experiment):
             f"AdamW {100 * ra:.0f}%"
         )
         if len(a["retained"]) > 1 and abs(re_ - ra) <= noise:
-            return text + ": no clear difference at this scale (within the spread over seeds)."
-        if re_ > ra:
-            return text + ": AdEMAMix forgets more slowly, as the paper reports."
-        return text + ": AdEMAMix does not forget more slowly here, unlike the paper's finding."
+            text += ": no clear difference at this scale (within the spread over seeds)."
+        elif re_ > ra:
+            text += ": AdEMAMix forgets more slowly, as the paper reports."
+        else:
+            text += ": AdEMAMix does not forget more slowly here, unlike the paper's finding."
+        halves = {}
+        for key, entry in (("AdEMAMix", e), ("AdamW", a)):
+            h = [x for x in entry["half_life"] if x is not None]
+            halves[key] = f"{mean_std(h)[0]:.0f}" if h else "more than the rest of the run"
+            n = len(entry["half_life"])
+            if h and len(h) < n:
+                halves[key] += f" ({n - len(h)} of {n} seeds never)"
+        return text + (
+            f" Half of the gain was gone {halves['AdEMAMix']} steps after the injection under AdEMAMix, "
+            f"{halves['AdamW']} under AdamW (mean over seeds)."
+        )
 
     @staticmethod
     def _figure(groups: dict[str, list[dict[str, Any]]], t_b: int, out: Path) -> Figure:
@@ -330,6 +353,6 @@ class ForgettingExperiment(Experiment):
         return Figure(
             "forgetting.png",
             "Left: loss on batch B and on the never-seen controls (dashed), the dotted "
-            "line marks the step after B was trained on. Right: the controls' loss minus B's, relative to "
-            "just before the injection; mean over seeds, shading min-max.",
+            "line marks the step after B was trained on. Right: the controls' loss minus B's, relative "
+            "to its mean over the last probes up to the injection; mean over seeds, shading min-max.",
         )
