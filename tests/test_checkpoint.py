@@ -14,8 +14,10 @@ F64 = torch.float64
 RESUME_CONFIGS = [
     ("AdEMAMix", dict(lr=1e-2, alpha=5.0, alpha_warmup=20, beta3_warmup=20, weight_decay=0.01)),
     ("AdEMAMix", dict(lr=1e-2, betas=(0.0, 0.999, 0.9999), alpha=5.0, alpha_warmup=30, beta3_warmup=12)),
-    ("SimplifiedAdEMAMix", dict(lr=1e-3, alpha=2.0, beta1_warmup=20, bias_correction1=True,
-                                weight_decay=0.1)),
+    (
+        "SimplifiedAdEMAMix",
+        dict(lr=1e-3, alpha=2.0, beta1_warmup=20, bias_correction1=True, weight_decay=0.1),
+    ),
     ("SimplifiedAdEMAMix", dict(lr=1e-3, beta1_warmup=9, bias_correction2=False)),
     ("AdaMod", dict(lr=1e-2, beta3=0.99, weight_decay=0.01)),
     ("DiffGrad", dict(lr=1e-2, weight_decay=0.01)),
@@ -195,9 +197,18 @@ def test_rejects_adamw_state_dict(name):
 
 @pytest.mark.parametrize(
     ("target", "source"),
-    [("AdEMAMix", "AdaMod"), ("AdEMAMix", "SimplifiedAdEMAMix"), ("SimplifiedAdEMAMix", "AdEMAMix"),
-     ("AdaMod", "DiffGrad"), ("DiffGrad", "AdaMod"), ("DiffMod", "AdaMod"), ("DiffMod", "DiffGrad"),
-     ("SimplifiedAdEMAMix", "DiffGrad"), ("AdaMod", "DiffMod"), ("DiffGrad", "DiffMod")],
+    [
+        ("AdEMAMix", "AdaMod"),
+        ("AdEMAMix", "SimplifiedAdEMAMix"),
+        ("SimplifiedAdEMAMix", "AdEMAMix"),
+        ("AdaMod", "DiffGrad"),
+        ("DiffGrad", "AdaMod"),
+        ("DiffMod", "AdaMod"),
+        ("DiffMod", "DiffGrad"),
+        ("SimplifiedAdEMAMix", "DiffGrad"),
+        ("AdaMod", "DiffMod"),
+        ("DiffGrad", "DiffMod"),
+    ],
 )
 def test_rejects_other_longmem_state_dict(target, source):
     _, other = _stepped(_factory(source), seed=1)
@@ -317,5 +328,6 @@ def test_from_adamw_alpha_zero_continues_adamw_trajectory(kw, k):
         _feed(adamw_a, params_a, row)
         _feed(ade, params_b, row)
         for pa, pb in zip(params_a, params_b, strict=True):
-            torch.testing.assert_close(pb.detach(), pa.detach(), rtol=1e-10, atol=1e-12,
-                                       msg=lambda m, t=t: f"step {t}: {m}")
+            torch.testing.assert_close(
+                pb.detach(), pa.detach(), rtol=1e-10, atol=1e-12, msg=lambda m, t=t: f"step {t}: {m}"
+            )

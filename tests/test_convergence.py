@@ -28,8 +28,12 @@ def _digits():
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
     scaler = StandardScaler().fit(x_tr)
     x_tr, x_te = scaler.transform(x_tr), scaler.transform(x_te)
-    return (torch.tensor(x_tr, dtype=torch.float32), torch.tensor(y_tr),
-            torch.tensor(x_te, dtype=torch.float32), torch.tensor(y_te))
+    return (
+        torch.tensor(x_tr, dtype=torch.float32),
+        torch.tensor(y_tr),
+        torch.tensor(x_te, dtype=torch.float32),
+        torch.tensor(y_te),
+    )
 
 
 def _mlp(seed=0):
@@ -66,10 +70,18 @@ def _train(make_opt, batch, steps=STEPS, seed=0):
 CONFIGS = [
     ("AdEMAMix", dict(lr=1e-3, alpha=5.0, alpha_warmup=STEPS, beta3_warmup=STEPS), 0.93, 0.93),
     ("AdEMAMix", dict(lr=1e-3, alpha=2.0), 0.95, 0.94),
-    ("AdEMAMix", dict(lr=1e-3, alpha=5.0, betas=(0.0, 0.999, 0.9999), alpha_warmup=STEPS,
-                      beta3_warmup=STEPS), 0.93, 0.92),
-    ("SimplifiedAdEMAMix", dict(lr=1e-4, betas=(0.99, 0.95), alpha=2.0, beta1_warmup=STEPS, min_beta1=0.9),
-     0.93, 0.94),
+    (
+        "AdEMAMix",
+        dict(lr=1e-3, alpha=5.0, betas=(0.0, 0.999, 0.9999), alpha_warmup=STEPS, beta3_warmup=STEPS),
+        0.93,
+        0.92,
+    ),
+    (
+        "SimplifiedAdEMAMix",
+        dict(lr=1e-4, betas=(0.99, 0.95), alpha=2.0, beta1_warmup=STEPS, min_beta1=0.9),
+        0.93,
+        0.94,
+    ),
     ("AdaMod", dict(lr=3e-3), 0.94, 0.92),
     ("AdaMod", dict(lr=3e-3, beta3=0.99), 0.96, 0.96),
     ("DiffGrad", dict(lr=3e-3), 0.96, 0.96),

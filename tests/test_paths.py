@@ -18,12 +18,16 @@ PATH_CONFIGS = [
     ("AdEMAMix", dict(lr=1e-2)),
     ("AdEMAMix", dict(lr=1e-2, alpha=5.0, weight_decay=0.1, maximize=True)),
     ("AdEMAMix", dict(lr=1e-2, alpha=5.0, alpha_warmup=4, beta3_warmup=6)),
-    ("AdEMAMix", dict(lr=1e-2, betas=(0.0, 0.999, 0.9999), alpha_warmup=3, beta3_warmup=20,
-                      weight_decay=0.01)),
+    (
+        "AdEMAMix",
+        dict(lr=1e-2, betas=(0.0, 0.999, 0.9999), alpha_warmup=3, beta3_warmup=20, weight_decay=0.01),
+    ),
     ("SimplifiedAdEMAMix", dict(lr=1e-3)),
     ("SimplifiedAdEMAMix", dict(lr=1e-3, alpha=2.0, beta1_warmup=5, weight_decay=0.1)),
-    ("SimplifiedAdEMAMix", dict(lr=1e-3, alpha=1.0, bias_correction1=True, bias_correction2=False,
-                                maximize=True)),
+    (
+        "SimplifiedAdEMAMix",
+        dict(lr=1e-3, alpha=1.0, bias_correction1=True, bias_correction2=False, maximize=True),
+    ),
     ("SimplifiedAdEMAMix", dict(lr=1e-3, betas=(0.0, 0.95), beta1_warmup=4)),
     ("AdaMod", dict(lr=1e-2)),
     ("AdaMod", dict(lr=1e-2, weight_decay=0.1, maximize=True)),
@@ -57,13 +61,20 @@ def _grad_is_none(t, k):
 
 def _build(name, hp, foreach, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
-              if not dtype.is_complex else
-              torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.complex128).to(dtype))
-              for _, shape, dtype in PARAM_SPECS]
-    groups = [{"params": [p for p, (g, _, _) in zip(params, PARAM_SPECS, strict=True) if g == 0]},
-              {"params": [p for p, (g, _, _) in zip(params, PARAM_SPECS, strict=True) if g == 1],
-               "lr": hp["lr"] * 0.5, "weight_decay": 0.02}]
+    params = [
+        torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
+        if not dtype.is_complex
+        else torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.complex128).to(dtype))
+        for _, shape, dtype in PARAM_SPECS
+    ]
+    groups = [
+        {"params": [p for p, (g, _, _) in zip(params, PARAM_SPECS, strict=True) if g == 0]},
+        {
+            "params": [p for p, (g, _, _) in zip(params, PARAM_SPECS, strict=True) if g == 1],
+            "lr": hp["lr"] * 0.5,
+            "weight_decay": 0.02,
+        },
+    ]
     opt = getattr(longmem, name)(groups, foreach=foreach, **hp)
     return params, opt
 
@@ -111,8 +122,11 @@ def test_foreach_matches_single_tensor(name, hp):
             sa, sb = opt.state.get(a, {}), base_opt.state.get(b, {})
             assert set(sa) == set(sb), k
             for key in sa:
-                torch.testing.assert_close(torch.as_tensor(sa[key]), torch.as_tensor(sb[key]),
-                                           msg=lambda m, k=k, key=key: f"param {k} state {key}: {m}")
+                torch.testing.assert_close(
+                    torch.as_tensor(sa[key]),
+                    torch.as_tensor(sb[key]),
+                    msg=lambda m, k=k, key=key: f"param {k} state {key}: {m}",
+                )
 
 
 @pytest.mark.parametrize(("name", "hp"), PATH_CONFIGS, ids=CONFIG_IDS)
@@ -284,11 +298,28 @@ def test_zero_grad(name):
 
 
 DEFAULTS = {
-    "AdEMAMix": dict(lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, beta3_warmup=None, alpha_warmup=None,
-                     eps=1e-8, weight_decay=0.0, maximize=False),
-    "SimplifiedAdEMAMix": dict(lr=1e-4, betas=(0.99, 0.95), alpha=0.0, beta1_warmup=None, min_beta1=0.9,
-                               eps=1e-8, weight_decay=0.0, bias_correction1=False, bias_correction2=True,
-                               maximize=False),
+    "AdEMAMix": dict(
+        lr=1e-3,
+        betas=(0.9, 0.999, 0.9999),
+        alpha=2.0,
+        beta3_warmup=None,
+        alpha_warmup=None,
+        eps=1e-8,
+        weight_decay=0.0,
+        maximize=False,
+    ),
+    "SimplifiedAdEMAMix": dict(
+        lr=1e-4,
+        betas=(0.99, 0.95),
+        alpha=0.0,
+        beta1_warmup=None,
+        min_beta1=0.9,
+        eps=1e-8,
+        weight_decay=0.0,
+        bias_correction1=False,
+        bias_correction2=True,
+        maximize=False,
+    ),
     "AdaMod": dict(lr=1e-3, betas=(0.9, 0.999), beta3=0.999, eps=1e-8, weight_decay=0.0, maximize=False),
     "DiffGrad": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
     "DiffMod": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
@@ -316,8 +347,10 @@ def test_defaults_recorded_in_groups(name):
 def test_add_param_group_follows_reference(name, foreach):
     gen = torch.Generator().manual_seed(9)
     p0, q0 = torch.randn(4, generator=gen, dtype=F64), torch.randn(3, generator=gen, dtype=F64)
-    grads = [(torch.randn(4, generator=gen, dtype=F64), torch.randn(3, generator=gen, dtype=F64))
-             for _ in range(12)]
+    grads = [
+        (torch.randn(4, generator=gen, dtype=F64), torch.randn(3, generator=gen, dtype=F64))
+        for _ in range(12)
+    ]
     p, q = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(q0.clone())
     base = dict(lr=0.02)
     opt = getattr(longmem, name)([p], foreach=foreach, **base)

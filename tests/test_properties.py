@@ -47,16 +47,21 @@ class _Adam:
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize(
     "hp",
-    [dict(lr=1e-2), dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-4), dict(lr=1e-2, weight_decay=0.1),
-     dict(lr=1e-2, betas=(0.0, 0.9))],
+    [
+        dict(lr=1e-2),
+        dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-4),
+        dict(lr=1e-2, weight_decay=0.1),
+        dict(lr=1e-2, betas=(0.0, 0.9)),
+    ],
 )
 def test_adamod_beta3_zero_is_adam(hp, foreach):
     p0 = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=F64)
     grads = _grads(1, 80)
     p = torch.nn.Parameter(p0.clone())
     opt = longmem.AdaMod([p], beta3=0.0, foreach=foreach, **hp)
-    adam = _Adam(p0, hp["lr"], hp.get("betas", (0.9, 0.999)), hp.get("eps", 1e-8),
-                 hp.get("weight_decay", 0.0))
+    adam = _Adam(
+        p0, hp["lr"], hp.get("betas", (0.9, 0.999)), hp.get("eps", 1e-8), hp.get("weight_decay", 0.0)
+    )
     for t, g in enumerate(grads, 1):
         p.grad = g.clone()
         opt.step()
@@ -148,8 +153,9 @@ def _compare_to_adamw(make_ours, adamw_kwargs, lrs=None, maximize=False, steps=8
         opt_a.step()
         opt_b.step()
         for a, b in zip(ours, theirs, strict=True):
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=1e-12,
-                                       msg=lambda m, t=t: f"step {t + 1}: {m}")
+            torch.testing.assert_close(
+                a.detach(), b.detach(), rtol=rtol, atol=1e-12, msg=lambda m, t=t: f"step {t + 1}: {m}"
+            )
 
 
 ADAMW_CASES = [
@@ -165,9 +171,18 @@ ADAMW_CASES = [
 @pytest.mark.parametrize("case", ADAMW_CASES)
 def test_ademamix_alpha_zero_is_adamw(case, maximize, foreach):
     def make(params):
-        return longmem.AdEMAMix(params, lr=case["lr"], betas=(*case["betas"], 0.9999), alpha=0.0,
-                                eps=case["eps"], weight_decay=case["weight_decay"], maximize=maximize,
-                                foreach=foreach, alpha_warmup=10, beta3_warmup=10)
+        return longmem.AdEMAMix(
+            params,
+            lr=case["lr"],
+            betas=(*case["betas"], 0.9999),
+            alpha=0.0,
+            eps=case["eps"],
+            weight_decay=case["weight_decay"],
+            maximize=maximize,
+            foreach=foreach,
+            alpha_warmup=10,
+            beta3_warmup=10,
+        )
 
     _compare_to_adamw(make, case, maximize=maximize)
 
@@ -177,8 +192,9 @@ def test_ademamix_alpha_zero_is_adamw_with_changing_lr():
     case = ADAMW_CASES[1]
 
     def make(params):
-        return longmem.AdEMAMix(params, lr=case["lr"], betas=(0.9, 0.999, 0.999), alpha=0.0,
-                                weight_decay=case["weight_decay"])
+        return longmem.AdEMAMix(
+            params, lr=case["lr"], betas=(0.9, 0.999, 0.999), alpha=0.0, weight_decay=case["weight_decay"]
+        )
 
     _compare_to_adamw(make, case, lrs=lrs)
 
@@ -187,10 +203,17 @@ def test_ademamix_alpha_zero_is_adamw_with_changing_lr():
 def test_simplified_bias_corrected_is_adamw(case):
     """alpha = 0, constant beta1, bias_correction1: m / W_t = (1 - b1) sum_k b1^(t-k) g_k / (1 - b1^t), i.e.
     Adam's bias-corrected first moment, so the optimizer is AdamW."""
+
     def make(params):
-        return longmem.SimplifiedAdEMAMix(params, lr=case["lr"], betas=case["betas"], alpha=0.0,
-                                          eps=case["eps"], weight_decay=case["weight_decay"],
-                                          bias_correction1=True)
+        return longmem.SimplifiedAdEMAMix(
+            params,
+            lr=case["lr"],
+            betas=case["betas"],
+            alpha=0.0,
+            eps=case["eps"],
+            weight_decay=case["weight_decay"],
+            bias_correction1=True,
+        )
 
     _compare_to_adamw(make, case)
 
@@ -204,8 +227,9 @@ def test_simplified_beta1_zero_is_scaled_adamw(alpha):
     def make(params):
         return longmem.SimplifiedAdEMAMix(params, lr=lr, betas=(0.0, 0.99), alpha=alpha, weight_decay=wd)
 
-    _compare_to_adamw(make, dict(lr=lr * (1 + alpha), betas=(0.0, 0.99), eps=1e-8,
-                                 weight_decay=wd / (1 + alpha)))
+    _compare_to_adamw(
+        make, dict(lr=lr * (1 + alpha), betas=(0.0, 0.99), eps=1e-8, weight_decay=wd / (1 + alpha))
+    )
 
 
 @pytest.mark.parametrize("foreach", [False, True])

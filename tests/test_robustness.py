@@ -216,8 +216,11 @@ def test_closure_loss_returned_when_skipped_and_sparse_still_refused():
         opt.step()
 
 
-def test_one_host_synchronization_per_step(monkeypatch):
-    """The check reads all gradients and synchronizes once, however many tensors there are."""
+@pytest.mark.parametrize("small", [0, 3, _nonfinite.SMALL])
+def test_one_host_synchronization_per_step(monkeypatch, small):
+    """The check reads all gradients and synchronizes once, however many tensors there are, whichever
+    kernel (multi-tensor, per-tensor sums, both) reads them."""
+    monkeypatch.setattr(_nonfinite, "SMALL", small)
     params = [torch.nn.Parameter(torch.randn(5)) for _ in range(40)] + [
         torch.nn.Parameter(torch.randn((), dtype=F64))
     ]
@@ -241,7 +244,7 @@ def test_one_host_synchronization_per_step(monkeypatch):
     assert calls == {"item": 1, "bool": 0}
 
 
-@pytest.mark.parametrize("check", [_nonfinite._found_minmax, _nonfinite._found_amp])
+@pytest.mark.parametrize("check", [_nonfinite._found_minmax, _nonfinite._found_sum, _nonfinite._found_amp])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
 def test_check_kernels(check, dtype):
     """Both checks find NaN and +-Inf anywhere, never flag the largest finite values, and leave the
@@ -263,6 +266,38 @@ def test_check_kernels(check, dtype):
             assert float(check(grads)) == 1.0, (value, i)
     mixed = [torch.ones(2, dtype=torch.float16), torch.tensor([1e300, NAN], dtype=F64)]
     assert float(check(mixed)) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+def test_overflowing_sums_are_confirmed_not_skipped(dtype, monkeypatch):
+    """The CPU check sums each large gradient; finite gradients whose sum overflows are flagged by the
+    sum, then cleared by the exact confirmation: nothing is skipped. A real Inf beside them still is."""
+    monkeypatch.setattr(_nonfinite, "SMALL", 0)  # every gradient is "large": summed
+    big = torch.finfo(dtype).max
+    p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+    opt = longmem.AdEMAMix([p], lr=1e-3, nonfinite="skip")
+    p.grad = torch.full((4,), big, dtype=dtype)
+    assert float(_nonfinite._found_sum([p.grad])) == 1.0  # the sum overflows ...
+    assert float(_nonfinite._found_minmax([p.grad])) == 0.0  # ... though every element is finite
+    opt.step()
+    assert opt.skipped_steps == 0 and float(opt.state[p]["step"]) == 1
+    p.grad = torch.tensor([big, big, -big, INF], dtype=dtype)
+    opt.step()
+    assert opt.skipped_steps == 1 and float(opt.state[p]["step"]) == 1
+
+
+def test_noncontiguous_and_expanded_gradients_are_checked_read_only():
+    """Gradients that are views (transposed, expanded: elements sharing memory) are checked without
+    writing to them."""
+    a, b = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))
+    opt = longmem.DiffGrad([a, b], nonfinite="skip")
+    a.grad = torch.randn(4, 3).t()
+    b.grad = torch.tensor(2.0).expand(5)
+    opt.step()
+    assert opt.skipped_steps == 0
+    b.grad = torch.tensor(NAN).expand(5)
+    opt.step()
+    assert opt.skipped_steps == 1 and float(opt.state[a]["step"]) == 1
 
 
 @pytest.mark.parametrize("mode", ["skip", "raise", "ignore"])
@@ -303,6 +338,77 @@ def test_gradscaler_skips_once(name, mode):
     for p, q in zip(scaled.parameters(), plain.parameters(), strict=True):
         assert float(opt.state[p]["step"]) == 5
         assert torch.equal(p.detach(), q.detach())
+
+
+def _fsdp2_rank(rank, port, out):
+    """One rank of test_fsdp2_ranks_skip_together: rank 1 alone sees a NaN in its shard at step 2."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        fully_shard(model)
+        opt = longmem.AdEMAMix(model.parameters(), lr=1e-2, nonfinite="skip")
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
+        for t in range(3):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            if t == 1 and rank == 1:
+                with torch.no_grad():
+                    model[0].weight.grad.to_local().view(-1)[0] = NAN
+            opt.step()
+        steps = sorted({float(s["step"]) for s in opt.state.values()})
+        for group in opt.param_groups:
+            group["nonfinite"] = "raise"
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        if rank == 0:
+            with torch.no_grad():
+                model[2].bias.grad.to_local().view(-1)[0] = INF
+        try:
+            opt.step()
+            raised = ""
+        except longmem.NonFiniteGradientError as err:
+            raised = str(err)
+        result = {"skipped": opt.skipped_steps, "steps": steps, "raised": raised}
+        torch.save(result, Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_ranks_skip_together(tmp_path):
+    """Under FSDP2 the verdict is all-reduced: a NaN in one rank's shard skips the step on every rank
+    (no rank steps alone, none waits in a collective the other never enters); under "raise" every
+    rank raises."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.start_processes(
+        _fsdp2_rank, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    for _ in range(300):  # seconds
+        if ctx.join(timeout=1):
+            break
+    else:
+        for process in ctx.processes:
+            process.kill()
+        pytest.fail("the 2-process job did not finish in 300 s")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert {k: got[k] for k in ("skipped", "steps")} == {"skipped": 1, "steps": [2.0]}, (rank, got)
+        # nonfinite="raise": both ranks raise, the one holding the Inf with its details
+        assert ("0 NaN and 1 Inf" in got["raised"]) == (rank == 0), (rank, got["raised"])
+        assert "another rank" in got["raised"] or rank == 0, (rank, got["raised"])
 
 
 def test_state_dict_keeps_nonfinite():
@@ -846,6 +952,15 @@ def test_valid_file_with_wrong_contents(tmp_path):
     path = tmp_path / "tensor.pt"
     checkpoint.save(path, torch.ones(3))
     _check_rejected("AdEMAMix", checkpoint.load(path))
+
+
+def test_saved_file_has_the_umask_permissions(tmp_path):
+    """As a file written by open() or torch.save: the temporary file is not left owner-only."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save(path, {"epoch": 1})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):

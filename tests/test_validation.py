@@ -13,15 +13,32 @@ NAN = math.nan
 NAMES = ["AdEMAMix", "SimplifiedAdEMAMix", "AdaMod", "DiffGrad", "DiffMod"]
 
 COMMON = [
-    ("lr", -1e-3), ("lr", NAN), ("lr", -math.inf),
-    ("eps", -1e-8), ("eps", NAN),
-    ("weight_decay", -0.1), ("weight_decay", NAN),
+    ("lr", -1e-3),
+    ("lr", NAN),
+    ("lr", -math.inf),
+    ("eps", -1e-8),
+    ("eps", NAN),
+    ("weight_decay", -0.1),
+    ("weight_decay", NAN),
 ]
 
 
 def _two_betas_bad():
-    return [("betas", b) for b in [(1.0, 0.999), (-0.1, 0.999), (0.9, 1.0), (0.9, 1.5), (0.9, -1e-3),
-                                   (NAN, 0.999), (0.9, NAN), (0.9,), (0.9, 0.99, 0.999), ()]]
+    return [
+        ("betas", b)
+        for b in [
+            (1.0, 0.999),
+            (-0.1, 0.999),
+            (0.9, 1.0),
+            (0.9, 1.5),
+            (0.9, -1e-3),
+            (NAN, 0.999),
+            (0.9, NAN),
+            (0.9,),
+            (0.9, 0.99, 0.999),
+            (),
+        ]
+    ]
 
 
 WARMUP_BAD = [0, -1, -10, 2.5, True, False, NAN]
@@ -29,29 +46,54 @@ WARMUP_BAD = [0, -1, -10, 2.5, True, False, NAN]
 CASES = {
     "AdEMAMix": [
         *COMMON,
-        *[("betas", b) for b in [(1.0, 0.999, 0.9999), (-0.1, 0.999, 0.9999), (0.9, 1.0, 0.9999),
-                                 (0.9, NAN, 0.9999), (0.9, 0.999), (0.9, 0.999, 0.9999, 0.9), (0.9,)]],
+        *[
+            ("betas", b)
+            for b in [
+                (1.0, 0.999, 0.9999),
+                (-0.1, 0.999, 0.9999),
+                (0.9, 1.0, 0.9999),
+                (0.9, NAN, 0.9999),
+                (0.9, 0.999),
+                (0.9, 0.999, 0.9999, 0.9),
+                (0.9,),
+            ]
+        ],
         # the third beta may be reported as "betas" or "beta3"
         *[("betas|beta3", b) for b in [(0.9, 0.999, 1.0), (0.9, 0.999, -0.5), (0.9, 0.999, NAN)]],
-        ("alpha", -1.0), ("alpha", NAN),
+        ("alpha", -1.0),
+        ("alpha", NAN),
         *[("beta3_warmup", w) for w in WARMUP_BAD],
         *[("alpha_warmup", w) for w in WARMUP_BAD],
     ],
     "SimplifiedAdEMAMix": [
-        *COMMON, *_two_betas_bad(),
-        ("alpha", -0.5), ("alpha", NAN),
+        *COMMON,
+        *_two_betas_bad(),
+        ("alpha", -0.5),
+        ("alpha", NAN),
         *[("beta1_warmup", w) for w in WARMUP_BAD],
-        ("min_beta1", -0.1), ("min_beta1", 1.0), ("min_beta1", NAN),
+        ("min_beta1", -0.1),
+        ("min_beta1", 1.0),
+        ("min_beta1", NAN),
     ],
     "AdaMod": [
-        *COMMON, *_two_betas_bad(),
-        ("beta3", -0.1), ("beta3", 1.0), ("beta3", 1.5), ("beta3", NAN),
+        *COMMON,
+        *_two_betas_bad(),
+        ("beta3", -0.1),
+        ("beta3", 1.0),
+        ("beta3", 1.5),
+        ("beta3", NAN),
     ],
     "DiffGrad": [*COMMON, *_two_betas_bad()],
     "DiffMod": [
-        *COMMON, *_two_betas_bad(),
-        ("len_memory", 0), ("len_memory", -3), ("len_memory", 0.5), ("len_memory", NAN),
-        ("beta3", -0.1), ("beta3", 1.0), ("beta3", NAN),
+        *COMMON,
+        *_two_betas_bad(),
+        ("len_memory", 0),
+        ("len_memory", -3),
+        ("len_memory", 0.5),
+        ("len_memory", NAN),
+        ("beta3", -0.1),
+        ("beta3", 1.0),
+        ("beta3", NAN),
     ],
 }
 
@@ -96,10 +138,19 @@ def test_diffmod_len_memory_and_beta3_are_exclusive():
 
 
 GOOD = {
-    "AdEMAMix": dict(lr=0.0, eps=0.0, weight_decay=0.0, alpha=0.0, betas=(0.0, 0.0, 0.0), beta3_warmup=1,
-                     alpha_warmup=1),
-    "SimplifiedAdEMAMix": dict(lr=0.0, eps=0.0, alpha=0.0, betas=(0.0, 0.0), beta1_warmup=1, min_beta1=0.0,
-                               bias_correction1=True, bias_correction2=False),
+    "AdEMAMix": dict(
+        lr=0.0, eps=0.0, weight_decay=0.0, alpha=0.0, betas=(0.0, 0.0, 0.0), beta3_warmup=1, alpha_warmup=1
+    ),
+    "SimplifiedAdEMAMix": dict(
+        lr=0.0,
+        eps=0.0,
+        alpha=0.0,
+        betas=(0.0, 0.0),
+        beta1_warmup=1,
+        min_beta1=0.0,
+        bias_correction1=True,
+        bias_correction2=False,
+    ),
     "AdaMod": dict(lr=0.0, eps=0.0, betas=(0.0, 0.0), beta3=0.0),
     "DiffGrad": dict(lr=0.0, eps=0.0, betas=(0.0, 0.0)),
     "DiffMod": dict(lr=0.0, eps=0.0, betas=(0.0, 0.0), len_memory=1),

@@ -39,40 +39,120 @@ def _diag(x):
     return DIAG * x
 
 
-ADEMAMIX_B = dict(lr=1e-2, betas=(0.9, 0.999, 0.9999), eps=1e-8, alpha=8.0, alpha_warmup=10, beta3_warmup=10,
-                  weight_decay=0.1)
+ADEMAMIX_B = dict(
+    lr=1e-2,
+    betas=(0.9, 0.999, 0.9999),
+    eps=1e-8,
+    alpha=8.0,
+    alpha_warmup=10,
+    beta3_warmup=10,
+    weight_decay=0.1,
+)
 
 # (id, optimizer, x0, gradient, hyperparameters, {t: expected}, rtol, atol)
 VECTORS = [
-    ("ademamix-A", "AdEMAMix", X0, _identity,
-     dict(lr=1e-2, betas=(0.9, 0.999, 0.9999), eps=1e-8, alpha=5.0),
-     {1: [0.98999500010005, -1.989995000050025, 0.4899950002001],
-      5: [0.9499712263171948, -1.9499473976436694, 0.4500234399761189]}, 1e-12, 0.0),
+    (
+        "ademamix-A",
+        "AdEMAMix",
+        X0,
+        _identity,
+        dict(lr=1e-2, betas=(0.9, 0.999, 0.9999), eps=1e-8, alpha=5.0),
+        {
+            1: [0.98999500010005, -1.989995000050025, 0.4899950002001],
+            5: [0.9499712263171948, -1.9499473976436694, 0.4500234399761189],
+        },
+        1e-12,
+        0.0,
+    ),
     # B and C are given with 8 significant digits (they agree to ~1e-6 with the authors' eps-in-log variant).
-    ("ademamix-B", "AdEMAMix", X0, _identity, ADEMAMIX_B,
-     {1: [0.98899207, -1.98799207, 0.48949207],
-      10: [0.88976531, -1.8796329, 0.3951449],
-      12: [0.86776914, -1.85553127, 0.37443352]}, 1e-6, 0.0),
-    ("ademamix-C", "AdEMAMix", X0, _identity, {**ADEMAMIX_B, "betas": (0.0, 0.999, 0.9999)},
-     {5: [0.94543277, -1.94018788, 0.44844704]}, 1e-6, 0.0),
+    (
+        "ademamix-B",
+        "AdEMAMix",
+        X0,
+        _identity,
+        ADEMAMIX_B,
+        {
+            1: [0.98899207, -1.98799207, 0.48949207],
+            10: [0.88976531, -1.8796329, 0.3951449],
+            12: [0.86776914, -1.85553127, 0.37443352],
+        },
+        1e-6,
+        0.0,
+    ),
+    (
+        "ademamix-C",
+        "AdEMAMix",
+        X0,
+        _identity,
+        {**ADEMAMIX_B, "betas": (0.0, 0.999, 0.9999)},
+        {5: [0.94543277, -1.94018788, 0.44844704]},
+        1e-6,
+        0.0,
+    ),
     # t=1 does not depend on the beta1 schedule (m = g), so it is checked to 1e-12.
-    ("simplified-t1", "SimplifiedAdEMAMix", X0, _identity,
-     dict(lr=1e-4, betas=(0.99, 0.95), alpha=2.0, beta1_warmup=10, min_beta1=0.9),
-     {1: [0.999700000003, -1.9997000000015, 0.499700000006]}, 1e-12, 0.0),
+    (
+        "simplified-t1",
+        "SimplifiedAdEMAMix",
+        X0,
+        _identity,
+        dict(lr=1e-4, betas=(0.99, 0.95), alpha=2.0, beta1_warmup=10, min_beta1=0.9),
+        {1: [0.999700000003, -1.9997000000015, 0.499700000006]},
+        1e-12,
+        0.0,
+    ),
     # SPEC's t=5 value follows the authors' ln(beta + 1e-8) form of the schedule, which the library keeps
     # for Simplified AdEMAMix (the exact form would give [0.9975502645538799, ...], 4e-11 away): 1e-12.
-    ("simplified-t5", "SimplifiedAdEMAMix", X0, _identity,
-     dict(lr=1e-4, betas=(0.99, 0.95), alpha=2.0, beta1_warmup=10, min_beta1=0.9),
-     {5: [0.9975502645131835, -1.9975500677113456, 0.49755065874832205]}, 1e-12, 0.0),
+    (
+        "simplified-t5",
+        "SimplifiedAdEMAMix",
+        X0,
+        _identity,
+        dict(lr=1e-4, betas=(0.99, 0.95), alpha=2.0, beta1_warmup=10, min_beta1=0.9),
+        {5: [0.9975502645131835, -1.9975500677113456, 0.49755065874832205]},
+        1e-12,
+        0.0,
+    ),
     # Given to ~10 digits: absolute tolerance 1e-9.
-    ("adamod", "AdaMod", X1, _diag, dict(lr=0.1),
-     {50: [0.793612076, -0.7936120497, 0.3066751453]}, 0.0, 1e-9),
-    ("adamod-wd", "AdaMod", X1, _diag, dict(lr=0.1, weight_decay=1e-2),
-     {50: [0.7523092903, -0.752309265, 0.2894352856]}, 0.0, 1e-9),
-    ("diffgrad", "DiffGrad", X1, _diag, dict(lr=0.1),
-     {50: [-0.0255296579, -0.0274654205, 0.0238945376]}, 0.0, 1e-9),
-    ("diffmod", "DiffMod", X1, _diag, dict(lr=0.1, len_memory=10),
-     {50: [-0.0753839683, 0.0428129705, -0.0467414448]}, 0.0, 1e-9),
+    (
+        "adamod",
+        "AdaMod",
+        X1,
+        _diag,
+        dict(lr=0.1),
+        {50: [0.793612076, -0.7936120497, 0.3066751453]},
+        0.0,
+        1e-9,
+    ),
+    (
+        "adamod-wd",
+        "AdaMod",
+        X1,
+        _diag,
+        dict(lr=0.1, weight_decay=1e-2),
+        {50: [0.7523092903, -0.752309265, 0.2894352856]},
+        0.0,
+        1e-9,
+    ),
+    (
+        "diffgrad",
+        "DiffGrad",
+        X1,
+        _diag,
+        dict(lr=0.1),
+        {50: [-0.0255296579, -0.0274654205, 0.0238945376]},
+        0.0,
+        1e-9,
+    ),
+    (
+        "diffmod",
+        "DiffMod",
+        X1,
+        _diag,
+        dict(lr=0.1, len_memory=10),
+        {50: [-0.0753839683, 0.0428129705, -0.0467414448]},
+        0.0,
+        1e-9,
+    ),
 ]
 
 
@@ -85,8 +165,13 @@ VECTORS = [
 def test_spec_vector(name, x0, grad_of, hp, expected, rtol, atol, foreach):
     got = _run_vector(name, x0, grad_of, max(expected), foreach, **hp)
     for t, want in expected.items():
-        torch.testing.assert_close(got[t], torch.tensor(want, dtype=F64), rtol=rtol, atol=atol,
-                                   msg=lambda m, t=t: f"{name} after t={t}: {m}")
+        torch.testing.assert_close(
+            got[t],
+            torch.tensor(want, dtype=F64),
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, t=t: f"{name} after t={t}: {m}",
+        )
 
 
 @pytest.mark.parametrize(
@@ -128,6 +213,7 @@ def test_beta_schedule_matches_reference(beta_start, beta_end, warmup):
 @pytest.mark.parametrize(("beta_start", "beta_end"), [(0.9, 0.9999), (0.5, 0.999), (0.99, 0.9)])
 def test_beta_schedule_half_life_is_linear(beta_start, beta_end):
     """The half-life ln(1/2)/ln(beta_t) interpolates linearly between the end points' half-lives."""
+
     def half_life(b):
         return math.log(0.5) / math.log(b)
 
@@ -181,8 +267,17 @@ CONFIGS = [
     ("SimplifiedAdEMAMix", dict(lr=1e-3, alpha=2.0, beta1_warmup=25, min_beta1=0.9)),
     ("SimplifiedAdEMAMix", dict(lr=1e-3, alpha=1.0, bias_correction1=True)),
     ("SimplifiedAdEMAMix", dict(lr=1e-3, alpha=1.0, bias_correction2=False, eps=1e-4)),
-    ("SimplifiedAdEMAMix", dict(lr=1e-3, alpha=1.0, bias_correction1=True, bias_correction2=False,
-                                maximize=True, weight_decay=0.05)),
+    (
+        "SimplifiedAdEMAMix",
+        dict(
+            lr=1e-3,
+            alpha=1.0,
+            bias_correction1=True,
+            bias_correction2=False,
+            maximize=True,
+            weight_decay=0.05,
+        ),
+    ),
     ("AdaMod", dict(lr=1e-2)),
     ("AdaMod", dict(lr=1e-2, beta3=0.9, weight_decay=0.1)),
     ("AdaMod", dict(lr=1e-2, beta3=0.0)),
@@ -222,8 +317,9 @@ def _ids(configs):
 
 def _lr_schedule(base):
     # a warm-up followed by a cosine decay, like an lr scheduler would produce
-    return [base * min(t / 10, 1.0) * (0.55 + 0.45 * math.cos(math.pi * t / STEPS))
-            for t in range(1, STEPS + 1)]
+    return [
+        base * min(t / 10, 1.0) * (0.55 + 0.45 * math.cos(math.pi * t / STEPS)) for t in range(1, STEPS + 1)
+    ]
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -250,8 +346,13 @@ def test_library_matches_reference(name, hp, lr_schedule, foreach):
             name, p0[i], lambda t, p, i=i: grad(t, i, p), STEPS, lrs=lrs, **hp
         )
         for t in range(STEPS):
-            torch.testing.assert_close(lib_hist[t][i], want_hist[t], rtol=1e-12, atol=1e-13,
-                                       msg=lambda m, t=t, i=i: f"param {i} after step {t + 1}: {m}")
+            torch.testing.assert_close(
+                lib_hist[t][i],
+                want_hist[t],
+                rtol=1e-12,
+                atol=1e-13,
+                msg=lambda m, t=t, i=i: f"param {i} after step {t + 1}: {m}",
+            )
         state = opt.state[params[i]]
         assert float(state["step"]) == STEPS
         for key in STATE_KEYS[name]:
@@ -260,8 +361,9 @@ def test_library_matches_reference(name, hp, lr_schedule, foreach):
                 continue
             got = torch.as_tensor(state[key]).to(F64)
             want = torch.as_tensor(want_state[key], dtype=F64)
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13,
-                                       msg=lambda m, key=key: f"state[{key!r}]: {m}")
+            torch.testing.assert_close(
+                got, want, rtol=1e-12, atol=1e-13, msg=lambda m, key=key: f"state[{key!r}]: {m}"
+            )
 
 
 # --------------------------------------------------------------------------- per-parameter step counts
@@ -326,20 +428,37 @@ def test_float32_close_to_float64_reference(name, hp, foreach):
 
 _beta = st.sampled_from([0.0, 0.5, 0.9, 0.99, 0.999])
 _warmup = st.one_of(st.none(), st.integers(1, 20))
-_common = dict(lr=st.floats(1e-4, 0.1), eps=st.sampled_from([1e-8, 1e-6, 1e-3]),
-               weight_decay=st.sampled_from([0.0, 0.01, 0.5]), maximize=st.booleans())
+_common = dict(
+    lr=st.floats(1e-4, 0.1),
+    eps=st.sampled_from([1e-8, 1e-6, 1e-3]),
+    weight_decay=st.sampled_from([0.0, 0.01, 0.5]),
+    maximize=st.booleans(),
+)
 HYPER_STRATEGIES = {
-    "AdEMAMix": st.fixed_dictionaries(dict(
-        _common, betas=st.tuples(_beta, _beta, st.sampled_from([0.0, 0.9, 0.999, 0.9999])),
-        alpha=st.floats(0.0, 10.0), alpha_warmup=_warmup, beta3_warmup=_warmup)),
+    "AdEMAMix": st.fixed_dictionaries(
+        dict(
+            _common,
+            betas=st.tuples(_beta, _beta, st.sampled_from([0.0, 0.9, 0.999, 0.9999])),
+            alpha=st.floats(0.0, 10.0),
+            alpha_warmup=_warmup,
+            beta3_warmup=_warmup,
+        )
+    ),
     # beta1_warmup is covered by test_library_matches_reference
-    "SimplifiedAdEMAMix": st.fixed_dictionaries(dict(
-        _common, betas=st.tuples(_beta, _beta), alpha=st.floats(0.0, 5.0),
-        bias_correction1=st.booleans(), bias_correction2=st.booleans())),
+    "SimplifiedAdEMAMix": st.fixed_dictionaries(
+        dict(
+            _common,
+            betas=st.tuples(_beta, _beta),
+            alpha=st.floats(0.0, 5.0),
+            bias_correction1=st.booleans(),
+            bias_correction2=st.booleans(),
+        )
+    ),
     "AdaMod": st.fixed_dictionaries(dict(_common, betas=st.tuples(_beta, _beta), beta3=_beta)),
     "DiffGrad": st.fixed_dictionaries(dict(_common, betas=st.tuples(_beta, _beta))),
-    "DiffMod": st.fixed_dictionaries(dict(_common, betas=st.tuples(_beta, _beta),
-                                          len_memory=st.integers(1, 50))),
+    "DiffMod": st.fixed_dictionaries(
+        dict(_common, betas=st.tuples(_beta, _beta), len_memory=st.integers(1, 50))
+    ),
 }
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
-import tempfile
+import secrets
 import zipfile
 import zlib
 from pathlib import Path
@@ -51,7 +51,10 @@ def save(path: PathLike, obj: Any) -> None:
     """``torch.save(obj, path)``, atomically: ``path`` holds the old file or the new, never a mix."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    # a fresh name beside the target (same file system, so the rename is atomic); created as open()
+    # would, with the umask's permissions (tempfile.mkstemp would make it private to its owner)
+    tmp = str(directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -84,7 +87,8 @@ def verify(path: PathLike) -> None:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as err:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} ({size} bytes) is truncated or corrupt, or not a torch.save file: {err}"
+            f"checkpoint {str(path)!r} ({size} bytes) is truncated or corrupt, "
+            f"or not a torch.save file: {err}"
         ) from err
     if bad is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: record {bad!r} fails its CRC-32 check")
