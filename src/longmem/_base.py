@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _nonfinite
+from . import _nonfinite, _state_precision
 from ._elementwise import _is_dtensor, default_foreach
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -54,6 +54,8 @@ class LongMemOptimizer(Optimizer):
     _scalars: ClassVar[dict[str, Callable[[], Tensor]]] = {}
     #: steps skipped by ``nonfinite="skip"`` since this optimizer was made (not saved in state dicts)
     skipped_steps: int = 0
+    #: set once this optimizer holds lean (``state_precision``) state: its steps then check each form
+    _lean_state: bool = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         if isinstance(defaults.get("betas"), list):
@@ -84,6 +86,9 @@ class LongMemOptimizer(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("fused", None)
             group.setdefault("nonfinite", _nonfinite.DEFAULT)
+            group.setdefault("state_precision", _state_precision.DEFAULT)
+        # unpickled or loaded: lean buffers in the state must be decoded even by a group now in "fp32"
+        self._lean_state = self._lean_state or _state_precision.holds_lean_state(self.state)
 
     # ---- state --------------------------------------------------------------------------------
     def _buffers_for(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -147,6 +152,9 @@ class LongMemOptimizer(Optimizer):
             self.skipped_steps += 1
             return loss
         for group in self.param_groups:
+            if self._lean_state or group.get("state_precision", "fp32") != "fp32":
+                _state_precision.step_group(self, group)  # decode, the same update, encode
+                continue
             params, grads, state, steps = self._collect(group)
             if not params:
                 continue
@@ -203,9 +211,12 @@ class LongMemOptimizer(Optimizer):
             if key not in id_map:
                 state[key] = deepcopy(value)
 
+        _state_precision.keep_bf16_state(self, state_dict["state"], saved_groups, id_map, state)
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups, strict=True):
             saved["params"] = group["params"]
+            if "state_precision" not in saved:  # saved before the option: keep this optimizer's choice
+                saved["state_precision"] = group.get("state_precision", _state_precision.DEFAULT)
             if "nonfinite" not in saved:  # format 0: keep this optimizer's own choice
                 saved["nonfinite"] = group.get("nonfinite", _nonfinite.DEFAULT)
             if "param_names" in group and "param_names" not in saved:
@@ -224,6 +235,9 @@ class LongMemOptimizer(Optimizer):
             return deepcopy(value)
         if name == "step" or name in self._scalars:
             return value.detach().to(device="cpu", copy=True)
+        if _state_precision.is_code(value):  # 8-bit state_precision codes stay codes
+            self._lean_state = True
+            return value.detach().to(device=param.device, copy=True)
         return value.detach().to(device=param.device, dtype=state_dtype(param), copy=True)
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[Any, Tensor]]:
@@ -255,7 +269,7 @@ class LongMemOptimizer(Optimizer):
                     f"in the state dict and {len(group['params'])} in this optimizer"
                 )
             # torch's __setstate__ (run by every load) adds "differentiable" to the defaults
-            optional = ("foreach", "maximize", "fused", "differentiable", "nonfinite")
+            optional = ("foreach", "maximize", "fused", "differentiable", "nonfinite", "state_precision")
             missing = sorted(k for k in self.defaults if k not in saved and k not in optional)
             if missing:
                 raise ValueError(
@@ -304,7 +318,7 @@ class LongMemOptimizer(Optimizer):
         if not isinstance(value, dict):
             raise ValueError(f"{where} is not a dict")
         required = {"step", *self._buffers_for(group), *self._scalars}
-        allowed = {"step", *self._buffers, *self._scalars}
+        allowed = {"step", *self._buffers, *self._scalars, *_state_precision.scale_keys(self._buffers)}
         if not value:
             return  # a parameter that has not been stepped yet
         missing, unknown = sorted(required - value.keys()), sorted(value.keys() - allowed)
@@ -326,7 +340,8 @@ class LongMemOptimizer(Optimizer):
             x = scalar.item() if isinstance(scalar, Tensor) and scalar.numel() == 1 else scalar
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x >= 0):
                 raise ValueError(f"{where}: {key!r} must be a finite number >= 0, got {scalar!r}")
-        for key in value.keys() & set(self._buffers):
+        codes = _state_precision.check_saved_state(where, param, value, self._buffers)
+        for key in value.keys() & set(self._buffers) - codes:
             buf = value[key]
             if not isinstance(buf, Tensor) or buf.shape != param.shape:
                 shape = tuple(buf.shape) if isinstance(buf, Tensor) else type(buf).__name__

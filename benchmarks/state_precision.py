@@ -1,0 +1,302 @@
+"""Lean optimizer state (``state_precision``): memory, slow-EMA tracking, step time, and the demo's LM task.
+
+    python benchmarks/state_precision.py                       # everything (several minutes on 2 cores)
+    python benchmarks/state_precision.py --skip-lm --ema-steps 20000
+    python benchmarks/state_precision.py --lm-steps 300 --lm-size small --json out.json
+
+Sections:
+
+1. Optimizer-state bytes per parameter, for every optimizer and mode: on one 1024 x 1024 matrix, and on
+   the demo's GPT (``--lm-size``), whose small tensors (biases, norms) keep float32 state in 8-bit mode.
+2. Slow EMA (beta 0.9999) of 0.5 + N(0, 1) over ``--ema-steps`` steps and ``--ema-elements`` elements,
+   kept in each mode, against float32: the error of the mean and the per-element RMS error.
+3. Step time of AdEMAMix per mode (median of ``--repeats``) on ``--time-params`` parameters, beside
+   torchao's ``AdamW8bit`` and bitsandbytes' ``AdEMAMix8bit`` when they are installed and run here.
+4. The demo's LM task (``longmem.experiments``' LMTask, the ``lm`` experiment's settings for AdEMAMix:
+   lr 2e-3 with 5% warm-up then cosine, weight decay 0.1, clipping 1.0, alpha 8, beta3 by the paper's
+   guidance, schedulers over the run) for ``--lm-steps`` steps in each mode: final held-out loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import warnings
+from typing import Any
+
+import torch
+
+import longmem
+from longmem import _state_precision as sp
+
+MODES = ["fp32", "bf16", "8bit"]
+NAMES = ["AdEMAMix", "SimplifiedAdEMAMix", "AdaMod", "DiffGrad", "DiffMod"]
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+# ---- 1. memory -------------------------------------------------------------------------------------
+
+
+def state_bytes_per_param(name: str, mode: str, params: list[torch.nn.Parameter]) -> float:
+    opt = getattr(longmem, name)(params, state_precision=mode)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return sp.state_bytes(opt) / sum(p.numel() for p in params)
+
+
+def memory_section(lm_size: str) -> dict[str, Any]:
+    from longmem.experiments._models import GPT, GPT_SIZES
+
+    results: dict[str, Any] = {}
+    rows = []
+    for name in NAMES:
+        row: list[Any] = [name]
+        for mode in MODES:
+            matrix = state_bytes_per_param(name, mode, [torch.nn.Parameter(torch.zeros(1024, 1024))])
+            gpt = state_bytes_per_param(name, mode, list(GPT(GPT_SIZES[lm_size]).parameters()))
+            results[f"{name}/{mode}"] = {"matrix": matrix, "gpt": gpt}
+            row.append(f"{matrix:.3f} / {gpt:.3f}")
+        rows.append(row)
+    print(f"\n## Optimizer-state bytes per parameter (1024x1024 matrix / the {lm_size} GPT)\n")
+    print(_table(["optimizer", *MODES], rows))
+    return results
+
+
+# ---- 2. slow EMA -------------------------------------------------------------------------------------
+
+
+def slow_ema(mode: str, steps: int, n: int, beta: float = 0.9999, seed: int = 0) -> tuple[float, float]:
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.Generator()
+    exact = torch.zeros(n)
+    m = torch.zeros(n)
+    stored: Any = sp.quantize(m, True) if mode == "8bit" else m.to(torch.bfloat16)
+    for t in range(1, steps + 1):
+        g = torch.randn(n, generator=gen).add_(0.5)
+        exact.lerp_(g, 1 - beta)
+        if mode == "bf16 round-to-nearest":
+            m = m.lerp(g, 1 - beta).to(torch.bfloat16).float()
+            continue
+        m = sp.dequantize(*stored, True) if mode == "8bit" else stored.float()
+        m.lerp_(g, 1 - beta)
+        noise.manual_seed(t)
+        stored = sp.quantize(m, True, noise) if mode == "8bit" else sp.round_bf16(m, noise)
+    if mode != "bf16 round-to-nearest":
+        m = sp.dequantize(*stored, True) if mode == "8bit" else stored.float()
+    mean_error = m.mean().item() / exact.mean().item() - 1
+    rms = ((m - exact).pow(2).mean().sqrt() / exact.abs().mean()).item()
+    return mean_error, rms
+
+
+def ema_section(steps: int, n: int) -> dict[str, Any]:
+    results = {}
+    rows = []
+    for mode in ["bf16 round-to-nearest", "bf16", "8bit"]:
+        start = time.perf_counter()
+        mean_error, rms = slow_ema(mode, steps, n)
+        label = mode if mode.startswith("bf16 round") else f"{mode} (stochastic rounding)"
+        verdict = "within 5%" if abs(mean_error) < 0.05 else "FAILS"
+        results[mode] = {"mean_error": mean_error, "rms_error": rms}
+        rows.append([label, f"{mean_error:+.2%}", f"{rms:.1%}", verdict])
+        print(f"  ema {mode}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print(f"\n## Slow EMA, beta 0.9999, 0.5 + N(0, 1), {steps} steps x {n} elements, against float32\n")
+    print(_table(["state", "error of the mean", "per-element RMS error", "verdict"], rows))
+    return results
+
+
+# ---- 3. step time ------------------------------------------------------------------------------------
+
+
+def _time_steps(
+    opt: torch.optim.Optimizer, params: list[torch.Tensor], repeats: int, warmup: int = 2
+) -> float:
+    gen = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _params(total: int) -> list[torch.nn.Parameter]:
+    side = 1024
+    count = max(1, total // (side * side))
+    return [torch.nn.Parameter(torch.randn(side, side) * 0.02) for _ in range(count)]
+
+
+def timing_section(total: int, repeats: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    rows = []
+    n = sum(p.numel() for p in _params(total))
+    for mode in MODES:
+        for path, kw in {
+            "single": dict(foreach=False),
+            "foreach": dict(foreach=True),
+            "fused": dict(fused=True),
+        }.items():
+            params = _params(total)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt = longmem.AdEMAMix(params, state_precision=mode, **kw)
+                seconds = _time_steps(opt, params, repeats)
+            results[f"AdEMAMix/{mode}/{path}"] = seconds
+            rows.append(
+                [f"longmem AdEMAMix {mode}", path, f"{seconds * 1e3:.1f}", f"{sp.state_bytes(opt) / n:.2f}"]
+            )
+    others = []
+    try:
+        import torchao.optim as tao
+
+        params = _params(total)
+        try:
+            opt = tao.AdamW8bit(params, lr=1e-3)
+            seconds = _time_steps(opt, params, repeats)
+            state = sum(
+                x.numel() * x.element_size() if not hasattr(x, "codes") else _tao_bytes(x)
+                for s in opt.state.values()
+                for x in s.values()
+                if isinstance(x, torch.Tensor)
+            )
+            results["torchao/AdamW8bit"] = seconds
+            rows.append(["torchao AdamW8bit (2 buffers)", "-", f"{seconds * 1e3:.1f}", f"{state / n:.2f}"])
+        except Exception as err:
+            others.append(f"torchao AdamW8bit is installed but did not run here: {type(err).__name__}: {err}")
+    except ImportError:
+        others.append("torchao is not installed: AdamW8bit not timed")
+    try:
+        import bitsandbytes as bnb
+
+        params = _params(total)
+        try:
+            opt = bnb.optim.AdEMAMix8bit(params, lr=1e-3)
+            seconds = _time_steps(opt, params, repeats)
+            results["bitsandbytes/AdEMAMix8bit"] = seconds
+            rows.append(["bitsandbytes AdEMAMix8bit", "-", f"{seconds * 1e3:.1f}", "-"])
+        except Exception as err:
+            others.append(
+                f"bitsandbytes AdEMAMix8bit did not run here: {type(err).__name__}: {str(err)[:200]}"
+            )
+    except ImportError:
+        others.append("bitsandbytes is not installed: AdEMAMix8bit not timed")
+    print(f"\n## Step time, {n / 1e6:.1f}M parameters ({n // (1024 * 1024)} x 1024x1024), "
+          f"{torch.get_num_threads()} thread(s), median of {repeats}\n")  # fmt: skip
+    print(_table(["optimizer", "path", "ms / step", "state bytes / param"], rows))
+    for line in others:
+        print(f"\n{line}")
+    results["notes"] = others
+    return results
+
+
+def _tao_bytes(x: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in (x.codes, x.scale) if isinstance(t, torch.Tensor))
+
+
+# ---- 4. the LM task ----------------------------------------------------------------------------------
+
+
+def lm_run(mode: str, size: str, steps: int, seed: int, optimizer: str) -> dict[str, float]:
+    from longmem.experiments._lm import lm_task_from_config
+    from longmem.experiments._optim import ademamix_beta3_for, lr_at
+
+    task, _ = lm_task_from_config({"size": size, "corpus": "stdlib"})
+    torch.manual_seed(seed)
+    model = task.build_model()
+    peak, warmup = 2e-3, max(1, round(0.05 * steps))
+    if optimizer == "AdEMAMix":
+        opt: torch.optim.Optimizer = longmem.AdEMAMix(
+            model.parameters(), lr=peak, betas=(0.9, 0.999, ademamix_beta3_for(steps)), alpha=8.0,
+            alpha_warmup=steps, beta3_warmup=steps, weight_decay=0.1, state_precision=mode,
+        )  # fmt: skip
+    else:
+        opt = getattr(longmem, optimizer)(model.parameters(), lr=peak, weight_decay=0.1, state_precision=mode)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, peak=peak, total=steps, warmup=warmup)
+        batch = task.train_batch(step, seed)
+        loss = task.loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    seconds = time.perf_counter() - start
+    model.eval()
+    held_out = task.evaluate(model, final=True)["loss"]
+    return {
+        "held_out": held_out,
+        "train_seconds": seconds,
+        "state_bytes_per_param": sp.state_bytes(opt) / task.n_params,
+    }
+
+
+def lm_section(size: str, steps: int, seeds: int, optimizers: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    rows = []
+    for optimizer in optimizers:
+        losses: dict[str, list[float]] = {}
+        for mode in MODES:
+            runs = [lm_run(mode, size, steps, seed, optimizer) for seed in range(seeds)]
+            losses[mode] = [r["held_out"] for r in runs]
+            results[f"{optimizer}/{mode}"] = runs
+            print(f"  lm {optimizer} {mode}: {[round(x, 4) for x in losses[mode]]}", file=sys.stderr)
+        base = statistics.mean(losses["fp32"])
+        for mode in MODES:
+            loss = statistics.mean(losses[mode])
+            diff = loss / base - 1
+            verdict = "-" if mode == "fp32" else ("within 1%" if abs(diff) < 0.01 else "NOT within 1%")
+            train_s = statistics.mean(r["train_seconds"] for r in results[f"{optimizer}/{mode}"])
+            rows.append([optimizer, mode, f"{loss:.4f}", f"{diff:+.2%}", verdict, f"{train_s:.0f}"])
+    print(f"\n## Demo LM task (--size {size}, {steps} steps, mean of {seeds} seed(s)): final held-out loss\n")
+    print(_table(["optimizer", "state", "held-out loss (nats/byte)", "vs fp32", "verdict", "train s"], rows))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--ema-steps", type=int, default=20_000)
+    parser.add_argument("--ema-elements", type=int, default=8192)
+    parser.add_argument("--time-params", type=int, default=4 << 20, help="parameters in the step-time runs")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lm-size", default="small", choices=["tiny", "small", "base"])
+    parser.add_argument("--lm-steps", type=int, default=300)
+    parser.add_argument("--lm-seeds", type=int, default=1)
+    parser.add_argument("--lm-optimizers", nargs="+", default=["AdEMAMix"], choices=NAMES)
+    parser.add_argument("--skip-ema", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-lm", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), longmem {longmem.__version__}")
+    out: dict[str, Any] = {"args": vars(args), "memory": memory_section(args.lm_size)}
+    if not args.skip_ema:
+        out["ema"] = ema_section(args.ema_steps, args.ema_elements)
+    if not args.skip_timing:
+        out["timing"] = timing_section(args.time_params, args.repeats)
+    if not args.skip_lm:
+        out["lm"] = lm_section(args.lm_size, args.lm_steps, args.lm_seeds, args.lm_optimizers)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1, default=lambda x: x if math.isfinite(x) else str(x))
+
+
+if __name__ == "__main__":
+    main()

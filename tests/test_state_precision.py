@@ -1,0 +1,436 @@
+"""state_precision: the codecs' error bounds and unbiasedness, the slow EMA they keep right, every optimizer
+in every lean mode and path tracking its float32 run, checkpoints (bit-identical resume, strict loading)."""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import longmem
+from longmem import _state_precision as sp
+from longmem.kernels import FusedFallbackWarning
+
+NAMES = ["AdEMAMix", "SimplifiedAdEMAMix", "AdaMod", "DiffGrad", "DiffMod"]
+LEAN = ["bf16", "8bit"]
+MODES = ["fp32", *LEAN]
+PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+HP = {
+    "AdEMAMix": dict(lr=1e-2, alpha=5.0, alpha_warmup=100, beta3_warmup=100, weight_decay=0.01),
+    "SimplifiedAdEMAMix": dict(lr=1e-3, alpha=1.0, beta1_warmup=100),
+    "AdaMod": dict(lr=1e-2, weight_decay=0.01),
+    "DiffGrad": dict(lr=1e-2),
+    "DiffMod": dict(lr=1e-2, len_memory=100, weight_decay=0.01),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: threads only add synchronisation (and the machine may be shared)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FusedFallbackWarning)  # no C compiler: foreach
+        yield
+    torch.set_num_threads(threads)
+
+
+# ---- options --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", ["fp16", "int8", "FP32", None, 8, True])
+def test_bad_state_precision_is_rejected(name, bad):
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"state_precision must be one of 'fp32', 'bf16', '8bit'"):
+        getattr(longmem, name)([p], state_precision=bad)
+    opt = getattr(longmem, name)([p])
+    with pytest.raises(ValueError, match="state_precision"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "state_precision": bad})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_is_fp32_and_recorded(name):
+    opt = getattr(longmem, name)([torch.nn.Parameter(torch.zeros(3))])
+    assert opt.param_groups[0]["state_precision"] == "fp32"
+    assert opt.state_dict()["param_groups"][0]["state_precision"] == "fp32"
+
+
+# ---- codecs ---------------------------------------------------------------------------------------
+
+
+def _values(n=1 << 14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # many magnitudes within each block, some exact zeros
+    x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 3)
+    x[::97] = 0.0
+    return x
+
+
+def test_bf16_rounding_is_to_a_neighbour():
+    x = _values()
+    r = sp.round_bf16(x, torch.Generator().manual_seed(1)).double()
+    down = x.to(torch.bfloat16).double()  # one of the two neighbours
+    ulp = torch.ldexp(torch.ones_like(x.double()), torch.frexp(x.double()).exponent - 8)
+    assert ((r - x.double()).abs() <= ulp).all()  # error below one bf16 ulp = 2^-7 relative at most
+    assert ((r - x.double()).abs() <= x.double().abs() * 2.0**-7).all()
+    assert ((r == down) | ((r - down).abs() <= ulp)).all()
+    exact = x.to(torch.bfloat16).float()
+    assert torch.equal(sp.round_bf16(exact), exact.to(torch.bfloat16))  # representable: unchanged
+    special = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0])
+    out = sp.round_bf16(special).float()
+    assert out[0] == math.inf and out[1] == -math.inf and math.isnan(out[2]) and (out[3:] == 0).all()
+
+
+def _grid_bounds(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The analytic bound: the spacing of the grid cell holding each value, computed in float64."""
+    levels, power = sp.SIGNED_GRID if signed else sp.UNSIGNED_GRID
+    blocks = sp._blocks(x.reshape(-1).double())
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    y = torch.where(absmax > 0, blocks.abs() / absmax, 0.0)
+    k = torch.clamp(torch.floor(y ** (1 / power) * levels), max=levels - 1)
+    spacing = (((k + 1) / levels) ** power - (k / levels) ** power) * absmax
+    return spacing.reshape(-1)[: x.numel()]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_8bit_round_trip_within_one_grid_spacing(signed):
+    x = _values()
+    x = x if signed else x.abs()
+    codes, absmax = sp.quantize(x, signed, torch.Generator().manual_seed(2))
+    assert codes.dtype == (torch.int8 if signed else torch.uint8) and codes.shape == x.shape
+    assert absmax.shape == (sp.num_blocks(x.numel()),)
+    y = sp.dequantize(codes, absmax, signed).double()
+    err = (y - x.double()).abs()
+    bound = _grid_bounds(x, signed)
+    assert (err <= bound * (1 + 1e-5) + 1e-30).all()
+    # the coarsest cell is the top one: at most P / L of the block's absmax
+    levels, power = sp.SIGNED_GRID if signed else sp.UNSIGNED_GRID
+    block_max = sp._blocks(x.abs().double()).amax(dim=1).repeat_interleave(sp.BLOCK_SIZE)[: x.numel()]
+    assert (err <= block_max * power / levels * (1 + 1e-5)).all()
+    assert (y[x == 0] == 0).all()  # zeros stay zero
+    if not signed:
+        assert (y[x > 0] > 0).all()  # a positive second moment never becomes zero
+    # a block's largest element is exact (to float rounding)
+    assert torch.allclose(sp._blocks(y.abs()).amax(dim=1), absmax.double(), rtol=1e-6, atol=0)
+
+
+def test_8bit_partial_last_block_and_shapes():
+    x = torch.randn(3, 7, 50)  # 1050 elements: 5 blocks, the last partial
+    codes, absmax = sp.quantize(x, True)
+    assert codes.shape == x.shape and absmax.shape == (5,)
+    y = sp.dequantize(codes, absmax, True)
+    assert y.shape == x.shape and ((y - x).abs() <= _grid_bounds(x, True).view(x.shape) * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8", "uint8"])
+def test_stochastic_rounding_is_unbiased(codec):
+    g = torch.Generator().manual_seed(3)
+    n, draws = 512, 4000
+    x = torch.rand(n, generator=g) * 2 - (0.0 if codec == "uint8" else 1.0)
+    x[0] = 1.0  # sets the scale of the 8-bit block
+    x[1:] *= 0.9
+    rep = x.repeat(draws)  # one vectorised call: every copy gets its own noise
+    if codec == "bf16":
+        y = sp.round_bf16(rep, g).float().view(draws, n)
+        spacing = _bf16_spacing(x)
+    else:
+        signed = codec == "int8"
+        # every copy in its own blocks: n is a multiple of the block size
+        y = sp.dequantize(*sp.quantize(rep, signed, g), signed).view(draws, n)
+        spacing = _grid_bounds(x, signed).float()
+    mean = y.double().mean(dim=0)
+    # the rounding error of one draw has standard deviation <= spacing / 2
+    tolerance = 5 * (spacing.double() / 2) / math.sqrt(draws) + 1e-7
+    assert ((mean - x.double()).abs() <= tolerance).all()
+    # and it really is random (not round-to-nearest): most values take both neighbours
+    assert (y.std(dim=0) > 0).float().mean() > 0.9
+
+
+def _bf16_spacing(x):
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 8)
+
+
+# ---- the slow EMA -----------------------------------------------------------------------------------
+
+
+def slow_ema(mode: str, steps: int = 20_000, n: int = 2048, beta: float = 0.9999, seed: int = 0):
+    """An EMA with ``beta`` of 0.5 + N(0, 1), kept in ``mode``; returns (final, fp32 final)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.Generator()
+    exact = torch.zeros(n)
+    m = torch.zeros(n)
+    stored = sp.quantize(m, True) if mode == "8bit" else m.to(torch.bfloat16)
+    for t in range(1, steps + 1):
+        g = torch.randn(n, generator=gen).add_(0.5)
+        exact.lerp_(g, 1 - beta)
+        if mode == "bf16-nearest":
+            m = m.lerp(g, 1 - beta).to(torch.bfloat16).float()
+            continue
+        m = sp.dequantize(*stored, True) if mode == "8bit" else stored.float()
+        m.lerp_(g, 1 - beta)
+        noise.manual_seed(t)
+        stored = sp.quantize(m, True, noise) if mode == "8bit" else sp.round_bf16(m, noise)
+    if mode != "bf16-nearest":
+        m = sp.dequantize(*stored, True) if mode == "8bit" else stored.float()
+    return m, exact
+
+
+def test_slow_ema_tracks_with_stochastic_rounding_and_fails_without():
+    """SPEC.md: in bf16 with round-to-nearest 0.9999 * m rounds back to m and the EMA stops moving."""
+    errors = {}
+    for mode in ["bf16-nearest", "bf16", "8bit"]:
+        m, exact = slow_ema(mode)
+        errors[mode] = abs(m.mean().item() / exact.mean().item() - 1)
+    assert errors["bf16"] < 0.05 and errors["8bit"] < 0.05, errors
+    assert errors["bf16-nearest"] > 0.5, errors  # stuck far below the true mean
+
+
+# ---- optimizers -------------------------------------------------------------------------------------
+
+
+def _problem_params(dtype=torch.float32):
+    w = torch.nn.Parameter(torch.zeros(64, 96, dtype=dtype))  # 6144 elements: 8-bit state
+    b = torch.nn.Parameter(torch.zeros(96, dtype=dtype))  # small: float32 state in every mode
+    return [w, b]
+
+
+def _train(opt, params, start, stop):
+    """Noisy linear regression; batch ``t`` depends only on ``t``."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(128, 64, generator=gen) / 8
+    target = torch.randn(64, 96, generator=gen)
+    w, b = params
+    for t in range(start, stop):
+        gen.manual_seed(1000 + t)
+        h = torch.randn(32, 128, generator=gen) @ A
+        y = h @ target + 0.1 * torch.randn(32, 96, generator=gen)
+        loss = ((h.to(w.dtype) @ w + b - y.to(w.dtype)).float() ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return ((w.float() - target) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_mode_and_path_tracks_fp32(name):
+    steps = 120
+    ref_params = _problem_params()
+    ref_opt = getattr(longmem, name)(ref_params, foreach=False, **HP[name])
+    ref_loss = _train(ref_opt, ref_params, 0, steps)
+    ref_w = ref_params[0].detach()
+    for mode in LEAN:
+        results = {}
+        for path, kw in PATHS.items():
+            params = _problem_params()
+            opt = getattr(longmem, name)(params, state_precision=mode, **kw, **HP[name])
+            loss = _train(opt, params, 0, steps)
+            w = params[0].detach()
+            rel = ((w - ref_w).norm() / ref_w.norm()).item()
+            assert abs(loss / ref_loss - 1) < 0.05, (mode, path, loss, ref_loss)
+            assert rel < (0.03 if mode == "bf16" else 0.12), (mode, path, rel)
+            state = opt.state[params[0]]
+            for buf in opt._buffers_for(opt.param_groups[0]):
+                want = {"bf16": (torch.bfloat16,), "8bit": (torch.int8, torch.uint8)}[mode]
+                assert state[buf].dtype in want and state[buf].shape == params[0].shape
+                assert (buf + sp.SCALE_SUFFIX in state) == (mode == "8bit")
+                assert opt.state[params[1]][buf].dtype == (
+                    torch.bfloat16 if mode == "bf16" else torch.float32
+                )
+            results[path] = w.clone()
+        # single-tensor and foreach run the same operations, and draw the same rounding noise; fused
+        # agrees with them to float rounding, enough to flip some stochastic roundings: only tracking
+        assert torch.equal(results["single"], results["foreach"]), mode
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters(name, dtype):
+    params = _problem_params(dtype)
+    opt = getattr(longmem, name)(params, state_precision="8bit", **HP[name])
+    loss = _train(opt, params, 0, 20)
+    assert math.isfinite(loss) and params[0].dtype == dtype
+    assert opt.state[params[0]][opt._buffers_for(opt.param_groups[0])[0]].dtype in (torch.int8, torch.uint8)
+
+
+def test_float64_and_complex_keep_full_state():
+    p = torch.nn.Parameter(torch.randn(80, 80, dtype=torch.float64))
+    c = torch.nn.Parameter(torch.randn(80, 80, dtype=torch.complex64))
+    for mode in LEAN:
+        opt = longmem.AdEMAMix([p, c], state_precision=mode)
+        p.grad, c.grad = torch.randn_like(p), torch.randn_like(c)
+        opt.step()
+        assert opt.state[p]["exp_avg_slow"].dtype == torch.float64
+        assert opt.state[c]["exp_avg_slow"].dtype == torch.complex64
+
+
+def test_state_bytes_per_parameter():
+    """AdEMAMix keeps three buffers: 12 bytes per parameter in float32, 6 in bf16, ~3.05 in 8 bits."""
+    per_param = {}
+    for mode in MODES:
+        p = torch.nn.Parameter(torch.zeros(256, 256))
+        opt = longmem.AdEMAMix([p], state_precision=mode)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        per_param[mode] = sp.state_bytes(opt) / p.numel()
+    assert per_param["fp32"] == pytest.approx(12, abs=1e-3)
+    assert per_param["bf16"] == pytest.approx(6, abs=1e-3)
+    assert (
+        per_param["8bit"] == pytest.approx(3 + 3 * 4 / sp.BLOCK_SIZE, abs=1e-3) and per_param["8bit"] <= 3.5
+    )
+
+
+def test_fp32_mode_is_unchanged_bit_for_bit():
+    """An explicit "fp32" runs the very code path of before; the same numbers as the default."""
+    a, b = _problem_params(), _problem_params()
+    _train(longmem.AdEMAMix(a, **HP["AdEMAMix"]), a, 0, 20)
+    _train(longmem.AdEMAMix(b, state_precision="fp32", **HP["AdEMAMix"]), b, 0, 20)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+
+
+def _roundtrip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _assert_same(opt_a, params_a, opt_b, params_b):
+    for pa, pb in zip(params_a, params_b, strict=True):
+        assert torch.equal(pa, pb)
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("path", ["foreach", "fused"])
+def test_bit_identical_resume(name, mode, path):
+    total, cut = 24, 11
+    ref_params = _problem_params()
+    ref_opt = getattr(longmem, name)(ref_params, state_precision=mode, **PATHS[path], **HP[name])
+    _train(ref_opt, ref_params, 0, total)
+
+    params = _problem_params()
+    opt = getattr(longmem, name)(params, state_precision=mode, **PATHS[path], **HP[name])
+    _train(opt, params, 0, cut)
+    saved = _roundtrip({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()})
+    assert saved["opt"]["param_groups"][0]["state_precision"] == mode
+
+    resumed = _problem_params()
+    with torch.no_grad():
+        for p, q in zip(resumed, saved["params"], strict=True):
+            p.copy_(q)
+    # built in another mode: the checkpoint's mode and exact state win, as every saved hyperparameter
+    other = "fp32" if mode != "fp32" else "8bit"
+    new_opt = getattr(longmem, name)(resumed, state_precision=other, **PATHS[path], **HP[name])
+    new_opt.load_state_dict(saved["opt"])
+    assert new_opt.param_groups[0]["state_precision"] == mode
+    _assert_same(opt, params, new_opt, resumed)  # the state as it was saved: codes, scales, bf16
+    _train(new_opt, resumed, cut, total)
+    _assert_same(ref_opt, ref_params, new_opt, resumed)
+
+
+def test_changing_mode_converts_on_the_next_step():
+    params = _problem_params()
+    opt = longmem.AdEMAMix(params, state_precision="8bit", **HP["AdEMAMix"])
+    _train(opt, params, 0, 5)
+    w = params[0]
+    decoded = {b: sp._decode(opt.state[w], b, w) for b in opt._buffers}
+    opt.param_groups[0]["state_precision"] = "fp32"
+    # what the next step starts from is the decoded 8-bit state, exactly
+    probe = _problem_params()
+    with torch.no_grad():
+        for p, q in zip(probe, params, strict=True):
+            p.copy_(q)
+    ref = longmem.AdEMAMix(probe, **HP["AdEMAMix"])
+    ref.state[probe[0]] = {"step": opt.state[w]["step"].clone(), **{b: v.clone() for b, v in decoded.items()}}
+    ref.state[probe[1]] = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    _train(opt, params, 5, 6)
+    _train(ref, probe, 5, 6)
+    _assert_same(ref, probe, opt, params)
+    assert all(opt.state[w][b].dtype == torch.float32 for b in opt._buffers)
+    assert not any(k.endswith(sp.SCALE_SUFFIX) for k in opt.state[w])
+    opt.param_groups[0]["state_precision"] = "bf16"
+    _train(opt, params, 6, 7)
+    assert all(opt.state[w][b].dtype == torch.bfloat16 for b in opt._buffers)
+
+
+def test_switch_to_fp32_then_pickle_still_decodes_the_codes():
+    """A group switched back to "fp32" and pickled before its next step: the codes are decoded, not
+    read as numbers (pickling keeps only defaults, state and groups)."""
+    params = _problem_params()
+    opt = longmem.AdEMAMix(params, state_precision="8bit", **HP["AdEMAMix"])
+    _train(opt, params, 0, 5)
+    opt.param_groups[0]["state_precision"] = "fp32"
+    copy = pickle.loads(pickle.dumps((opt, params)))
+    _train(opt, params, 5, 6)
+    _train(copy[0], copy[1], 5, 6)
+    _assert_same(opt, params, copy[0], copy[1])
+    assert copy[0].state[copy[1][0]]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_checkpoint_without_state_precision_keeps_the_optimizers_choice():
+    """A state dict saved before the option existed: its float32 state, this optimizer's mode."""
+    params = _problem_params()
+    opt = longmem.AdaMod(params, **HP["AdaMod"])
+    _train(opt, params, 0, 4)
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["state_precision"]
+    new = longmem.AdaMod(params, state_precision="8bit", **HP["AdaMod"])
+    new.load_state_dict(old)
+    assert new.param_groups[0]["state_precision"] == "8bit"
+    assert new.state[params[0]]["exp_avg"].dtype == torch.float32  # converted on the next step
+    _train(new, params, 4, 5)
+    assert new.state[params[0]]["exp_avg"].dtype == torch.int8
+
+
+def _saved_8bit():
+    params = _problem_params()
+    opt = longmem.AdEMAMix(params, state_precision="8bit", **HP["AdEMAMix"])
+    _train(opt, params, 0, 3)
+    return params, opt
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda s: s.pop("exp_avg_sq_absmax"), "unexpected|needs 'exp_avg_sq_absmax'"),
+        (lambda s: s.__setitem__("exp_avg_sq_absmax", torch.zeros(3)), r"shape \(24,\)"),
+        (lambda s: s.__setitem__("exp_avg_sq_absmax", -torch.ones(24)), "negative"),
+        (lambda s: s.__setitem__("exp_avg_sq", s["exp_avg_sq"].to(torch.int8)), "codes"),
+        (lambda s: s.__setitem__("exp_avg_slow", s["exp_avg_slow"][:3]), "shape"),
+        (lambda s: s.__setitem__("exp_avg_slow", torch.zeros(64, 96)), "is not 8-bit codes"),
+        (lambda s: s.__setitem__("bogus_absmax", torch.zeros(24)), "unexpected"),
+    ],
+)
+def test_bad_8bit_state_is_rejected_and_nothing_changes(corrupt, message):
+    params, opt = _saved_8bit()
+    saved = opt.state_dict()
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    bad = _roundtrip(saved)
+    corrupt(bad["state"][0])
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(bad)
+    assert all(torch.equal(before[k], v) for k, v in opt.state[params[0]].items())
+
+
+def test_8bit_state_needs_a_capable_parameter():
+    _, opt = _saved_8bit()
+    saved = opt.state_dict()
+    p64 = [torch.nn.Parameter(torch.zeros(64, 96, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(96))]
+    other = longmem.AdEMAMix(p64, **HP["AdEMAMix"])
+    with pytest.raises(ValueError, match="cannot have"):
+        other.load_state_dict(saved)
