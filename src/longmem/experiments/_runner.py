@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._distributed import barrier, current_world
-from ._optim import OPTIMIZERS
+from ._optim import OPTIMIZERS, optimizer_label
 from ._report import (
     Figure,
     ReportContent,
@@ -149,6 +149,32 @@ class Experiment:
         steps = int(steps if steps is not None else cfg["steps"])
         frac = float(cfg.get("warmup", 0.0))
         return max(1, round(frac * steps)) if frac > 0 else 0
+
+    def optimizer_runs(
+        self, cfg: dict[str, Any], per_optimizer: dict[str, dict[str, Any]] | None = None, **common: Any
+    ) -> list[RunSpec]:
+        """One run per seed and optimizer of ``cfg["optimizers"]``, each optimizer a group of its own.
+
+        ``common``: RunSpec fields shared by every run (weight decay, clipping, ...); ``per_optimizer``:
+        fields of one optimizer's runs (AdEMAMix's options, SGD's lr scale).
+        """
+        per_optimizer = per_optimizer or {}
+        return [
+            RunSpec(
+                run_id=f"{key}-s{seed}",
+                optimizer=key,
+                group=key,
+                label=optimizer_label(key),
+                seed=seed,
+                steps=int(cfg["steps"]),
+                lr=float(cfg["lr"]),
+                warmup=self.warmup_steps(cfg),
+                eval_every=self.eval_every(cfg),
+                **{**common, **per_optimizer.get(key, {})},
+            )
+            for seed in self.seeds(cfg)
+            for key in cfg["optimizers"]
+        ]
 
     @staticmethod
     def optimizer_table(

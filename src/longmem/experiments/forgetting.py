@@ -19,7 +19,7 @@ from ._compare import group_color
 from ._data import ByteCorpus
 from ._lm import EVAL_WINDOWS, LM_CHOICES, LM_DEFAULTS, LM_OPTIONS, LMTask, _windows, lm_task_from_config
 from ._models import GPTConfig
-from ._optim import ademamix_beta3_for, optimizer_label
+from ._optim import ademamix_beta3_for
 from ._report import (
     Figure,
     ReportContent,
@@ -32,7 +32,6 @@ from ._report import (
     steps_to_reach,
 )
 from ._runner import ConfigError, Experiment, Plan
-from ._train import RunSpec
 
 __all__ = ["ForgettingExperiment", "ForgettingTask", "forgetting_metrics"]
 
@@ -159,24 +158,7 @@ class ForgettingExperiment(Experiment):
         task = ForgettingTask(lm.corpus, lm.cfg, EVAL_WINDOWS[cfg["size"]], t_b, max(1, steps // 100))
         warmup = self.warmup_steps(cfg)
         opts = {"alpha": 8.0, "beta3": ademamix_beta3_for(steps)}
-        runs = [
-            RunSpec(
-                run_id=f"{key}-s{seed}",
-                optimizer=key,
-                group=key,
-                label=optimizer_label(key),
-                seed=seed,
-                steps=steps,
-                lr=float(cfg["lr"]),
-                warmup=warmup,
-                eval_every=self.eval_every(cfg),
-                weight_decay=WEIGHT_DECAY,
-                clip=CLIP,
-                options=opts if key == "ademamix" else {},
-            )
-            for seed in self.seeds(cfg)
-            for key in cfg["optimizers"]
-        ]
+        runs = self.optimizer_runs(cfg, {"ademamix": {"options": opts}}, weight_decay=WEIGHT_DECAY, clip=CLIP)
         setup += [
             f"Steps: {steps}; batch B ({lm.cfg.batch_size} windows of the held-out files, drawn per seed) "
             f"replaces the regular batch once, at step t_B = {t_b}; {N_CONTROL} control batches drawn the "

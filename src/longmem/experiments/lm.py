@@ -13,10 +13,9 @@ from typing import Any, ClassVar
 
 from ._compare import comparison_table, comparison_verdict, difference_figure, loss_figure
 from ._lm import LM_CHOICES, LM_DEFAULTS, LM_OPTIONS, lm_task_from_config
-from ._optim import ademamix_beta3_for, optimizer_label
+from ._optim import ademamix_beta3_for
 from ._report import ReportContent, group_runs, over_seeds
 from ._runner import Experiment, Plan
-from ._train import RunSpec
 
 __all__ = ["DemoExperiment", "LMExperiment"]
 
@@ -65,24 +64,9 @@ class LMExperiment(Experiment):
         task, setup = lm_task_from_config(cfg)
         steps = int(cfg["steps"])
         warmup = self.warmup_steps(cfg)
-        runs = [
-            RunSpec(
-                run_id=f"{key}-s{seed}",
-                optimizer=key,
-                group=key,
-                label=optimizer_label(key),
-                seed=seed,
-                steps=steps,
-                lr=float(cfg["lr"]),
-                warmup=warmup,
-                eval_every=self.eval_every(cfg),
-                weight_decay=WEIGHT_DECAY,
-                clip=CLIP,
-                options=self.ademamix_options(cfg) if key == "ademamix" else {},
-            )
-            for seed in self.seeds(cfg)
-            for key in cfg["optimizers"]
-        ]
+        runs = self.optimizer_runs(
+            cfg, {"ademamix": {"options": self.ademamix_options(cfg)}}, weight_decay=WEIGHT_DECAY, clip=CLIP
+        )
         beta3 = self.ademamix_options(cfg)["beta3"]
         setup += [
             f"Steps: {steps} per run, {task.tokens_per_step()} tokens per step "

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._compare import final_eval, group_color
-from ._optim import OPTIMIZERS, optimizer_label
+from ._optim import OPTIMIZERS
 from ._report import (
     Figure,
     ReportContent,
@@ -27,7 +27,7 @@ from ._report import (
     steps_to_reach,
 )
 from ._runner import Experiment, Plan
-from ._train import RunSpec, Task
+from ._train import Task
 
 __all__ = ["RosenbrockTask", "ToyExperiment", "rosenbrock"]
 
@@ -105,23 +105,9 @@ class ToyExperiment(Experiment):
     def plan(self, cfg: dict[str, Any]) -> Plan:
         steps = int(cfg["steps"])
         warmup = self.warmup_steps(cfg)
-        runs = [
-            RunSpec(
-                run_id=f"{key}-s{seed}",
-                optimizer=key,
-                group=key,
-                label=optimizer_label(key),
-                seed=seed,
-                steps=steps,
-                lr=float(cfg["lr"]),
-                warmup=warmup,
-                eval_every=self.eval_every(cfg),
-                lr_scale=SGD_LR_SCALE if key == "sgd" else None,
-                options={"alpha": 8.0, "beta3": 0.999} if key == "ademamix" else {},
-            )
-            for seed in self.seeds(cfg)
-            for key in cfg["optimizers"]
-        ]
+        runs = self.optimizer_runs(
+            cfg, {"sgd": {"lr_scale": SGD_LR_SCALE}, "ademamix": {"options": {"alpha": 8.0, "beta3": 0.999}}}
+        )
         task = RosenbrockTask()
         setup = [
             f"Function: {task.describe()}",

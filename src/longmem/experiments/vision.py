@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from ._compare import comparison_table, comparison_verdict, difference_figure, loss_figure
 from ._data import ImageDataset, load_fashion_mnist
 from ._models import SmallCNN, count_parameters
-from ._optim import ademamix_beta3_for, optimizer_label
+from ._optim import ademamix_beta3_for
 from ._report import ReportContent, group_runs
 from ._runner import Experiment, Plan
-from ._train import RunSpec, Task, batch_generator
+from ._train import Task, batch_generator
 
 __all__ = ["VISION_SIZES", "VisionExperiment", "VisionTask", "vision_task_from_config"]
 
@@ -124,23 +124,7 @@ class VisionExperiment(Experiment):
         steps = int(cfg["steps"])
         warmup = self.warmup_steps(cfg)
         opts = {"alpha": 8.0, "beta3": ademamix_beta3_for(steps)}
-        runs = [
-            RunSpec(
-                run_id=f"{key}-s{seed}",
-                optimizer=key,
-                group=key,
-                label=optimizer_label(key),
-                seed=seed,
-                steps=steps,
-                lr=float(cfg["lr"]),
-                warmup=warmup,
-                eval_every=self.eval_every(cfg),
-                weight_decay=WEIGHT_DECAY,
-                options=opts if key == "ademamix" else {},
-            )
-            for seed in self.seeds(cfg)
-            for key in cfg["optimizers"]
-        ]
+        runs = self.optimizer_runs(cfg, {"ademamix": {"options": opts}}, weight_decay=WEIGHT_DECAY)
         setup += [
             f"Steps: {steps} per run ({steps * task.batch_size / len(task.train_y):.1f} epochs)",
             f"lr schedule (every optimizer): linear warm-up over {warmup} steps, cosine decay to 10%; weight "
