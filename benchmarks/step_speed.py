@@ -1,0 +1,396 @@
+"""Optimizer step time against torch's AdamW and against the memory-bandwidth bound.
+
+An optimizer step reads and writes every parameter and state element at least once, so its time
+is bounded below by (bytes moved) / (memory bandwidth). This script times ``optimizer.step()`` per
+optimizer and path on a fixed parameter list and prints, per row:
+
+* ms/step: minimum and median over ``--repeats`` steps;
+* x AdamW fused: the median of per-step ratios to ``torch.optim.AdamW(fused=True)``, timed in the
+  same process and interleaved step by step with the row's own steps, so both see the same load;
+* x AdamW foreach: the same against ``torch.optim.AdamW(foreach=True)``, for non-fused rows;
+* bound: the fraction of the bandwidth bound reached, bytes / bandwidth / time (median over steps),
+  the bandwidth measured by an in-place streaming triad ``a += s * b`` over 2 x 256 MiB (each byte
+  moved once, as in an optimizer step, with ``--threads`` threads) timed next to every step, like
+  the references: this machine's bandwidth varies with what else runs on its host; bytes = parameter
+  read and write, gradient read, every state buffer read and write;
+* 1st extra: the first step's time minus the median (mostly the state's allocation, as the
+  reference rows show; for fused rows also the kernel's load, or its build if it is not cached:
+  the first fused row loads the kernel library for all).
+  ``--first-build`` measures the first fused step's extra cost over a foreach first step in fresh
+  processes, with an empty kernel cache (the builds) and then with the cache filled.
+
+After each table: the targets of issue 3 (met or missed, as measured here) and how much faster
+longmem's AdEMAMix is than pytorch_optimizer's. ``--markdown`` prints the tables as markdown.
+
+Workloads: ``gpt2`` (GPT-2 small's parameter shapes, 124M parameters in 148 tensors, built here),
+``many`` (2,000 tensors of 4,096 elements), ``one`` (one tensor of 64M elements).
+
+    python3 benchmarks/step_speed.py --workload all --repeats 30 --threads 2 --first-build --markdown
+
+pytorch_optimizer's AdEMAMix is timed when that package is installed (it is no dependency of
+longmem); otherwise the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import longmem
+
+Factory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "AdEMAMix": lambda ps, **kw: longmem.AdEMAMix(ps, lr=1e-4, alpha=5.0, weight_decay=0.1, **kw),
+    "SimplifiedAdEMAMix": lambda ps, **kw: longmem.SimplifiedAdEMAMix(ps, lr=1e-5, weight_decay=0.1, **kw),
+    "AdaMod": lambda ps, **kw: longmem.AdaMod(ps, lr=1e-4, weight_decay=0.1, **kw),
+    "DiffGrad": lambda ps, **kw: longmem.DiffGrad(ps, lr=1e-4, weight_decay=0.1, **kw),
+    "DiffMod": lambda ps, **kw: longmem.DiffMod(ps, lr=1e-4, weight_decay=0.1, **kw),
+}
+
+
+def gpt2_shapes() -> list[tuple[int, ...]]:
+    """GPT-2 small (124M): token and position embeddings, 12 blocks, final layer norm."""
+    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [
+            (d,),
+            (d,),  # ln_1
+            (d, 3 * d),
+            (3 * d,),  # attn.c_attn
+            (d, d),
+            (d,),  # attn.c_proj
+            (d,),
+            (d,),  # ln_2
+            (d, 4 * d),
+            (4 * d,),  # mlp.c_fc
+            (4 * d, d),
+            (d,),  # mlp.c_proj
+        ]
+    shapes += [(d,), (d,)]  # ln_f
+    return shapes
+
+
+WORKLOADS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "gpt2": gpt2_shapes,
+    "many": lambda: [(4096,)] * 2000,
+    "one": lambda: [(64 * 2**20,)],
+}
+
+
+def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(dtype))
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(dtype)
+        params.append(p)
+    return params
+
+
+class Triad:
+    """An in-place streaming triad ``a += s * b`` over 2 x 256 MiB: each byte moved once."""
+
+    def __init__(self, n: int = 64 * 2**20) -> None:
+        self.a, self.b = torch.ones(n), torch.full((n,), 0.5)
+        self.nbytes = 3 * 4 * n
+
+    def step(self) -> None:
+        self.a.add_(self.b, alpha=1e-6)
+
+    def bandwidth(self, repeats: int = 15) -> float:
+        """Bytes per second, best of ``repeats``."""
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.step()
+            best = min(best, time.perf_counter() - start)
+        return self.nbytes / best
+
+
+def bytes_per_step(opt: torch.optim.Optimizer) -> int:
+    """Parameter read and write, gradient read, every full-size state buffer read and write."""
+    total = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            total += 2 * p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size()
+            for value in opt.state[p].values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.dim() > 0:
+                    total += 2 * value.numel() * value.element_size()
+    return total
+
+
+@dataclass
+class Row:
+    name: str
+    path: str
+    times: list[float] = field(default_factory=list)
+    ref_times: dict[str, list[float]] = field(default_factory=dict)  # interleaved reference steps
+    first: float = 0.0
+    nbytes: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    def bound(self, triad: Triad) -> float:
+        """Median over steps of the fraction of the bandwidth bound, with the triad timed beside each."""
+        pairs = zip(self.times, self.ref_times["triad"], strict=True)
+        return statistics.median(self.nbytes * tt / triad.nbytes / t for t, tt in pairs)
+
+    def ratio(self, ref: str) -> float | None:
+        """Median of per-step ratios to the interleaved ``ref`` steps."""
+        if ref not in self.ref_times:
+            return None
+        return statistics.median(t / r for t, r in zip(self.times, self.ref_times[ref], strict=True))
+
+    def ratio_cell(self, ref: str) -> str:
+        ratio = self.ratio(ref)
+        return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def time_steps(opt: torch.optim.Optimizer, refs: dict[str, Triad | torch.optim.Optimizer], repeats: int,
+               row: Row) -> None:  # fmt: skip
+    """Time ``opt``'s steps, each right after one step of every reference (optimizers, the triad)."""
+    gc.collect()
+    start = time.perf_counter()
+    opt.step()
+    row.first = time.perf_counter() - start
+    row.nbytes = bytes_per_step(opt)
+    opt.step()
+    row.ref_times = {name: [] for name in refs}
+    for _ in range(repeats):
+        for name, ref in refs.items():
+            start = time.perf_counter()
+            ref.step()
+            row.ref_times[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        opt.step()
+        row.times.append(time.perf_counter() - start)
+
+
+def candidates(include: list[str], paths: list[str]) -> list[tuple[str, str, Factory]]:
+    out = []
+    for name in include:
+        make = OPTIMIZERS[name]
+        for path in paths:
+            kw = {"fused": True} if path == "fused" else {"foreach": path == "foreach"}
+            out.append((name, path, lambda ps, make=make, kw=kw: make(ps, **kw)))
+    return out
+
+
+def pytorch_optimizer_candidates() -> tuple[list[tuple[str, str, Factory]], str]:
+    try:
+        from pytorch_optimizer import AdEMAMix as PoAdEMAMix
+    except ImportError:
+        return [], "pytorch_optimizer is not installed: its AdEMAMix was not timed"
+    from importlib.metadata import version
+
+    def make(ps: list[torch.nn.Parameter], foreach: bool) -> torch.optim.Optimizer:
+        return PoAdEMAMix(ps, lr=1e-4, alpha=5.0, weight_decay=0.1, weight_decouple=True, foreach=foreach)
+
+    label = f"pytorch_optimizer {version('pytorch_optimizer')} AdEMAMix"
+    return [(label, "foreach", lambda ps: make(ps, True)), (label, "single", lambda ps: make(ps, False))], ""
+
+
+def run_workload(workload: str, args: argparse.Namespace, triad: Triad) -> None:
+    dtype = getattr(torch, args.dtype)
+    params = make_params(WORKLOADS[workload](), dtype)
+    n = sum(p.numel() for p in params)
+    print(f"\n== {workload}: {n / 1e6:.1f}M {args.dtype} parameters in {len(params)} tensors ==", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    fused_ref = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=True)
+    foreach_ref = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, foreach=True)
+    # the references' own rows, from their interleaved steps with every candidate
+    ref_rows = {"fused": Row("torch AdamW", "fused"), "foreach": Row("torch AdamW", "foreach")}
+    for path, opt in (("fused", fused_ref), ("foreach", foreach_ref)):
+        gc.collect()
+        start = time.perf_counter()
+        opt.step()
+        ref_rows[path].first = time.perf_counter() - start
+        ref_rows[path].nbytes = bytes_per_step(opt)
+    # Touch as much memory as the largest candidate's state and temporaries, once: otherwise the first
+    # row's first step also pays for the process's first use of that memory (in a VM, seconds).
+    torch.ones(5 * n)
+    rows: list[Row] = []
+    todo, note = candidates(args.optimizers, args.paths), ""
+    if "AdEMAMix" in args.optimizers and not args.no_pytorch_optimizer:
+        extra, note = pytorch_optimizer_candidates()
+        todo += extra
+    for name, path, make in todo:
+        opt = make(params)
+        row = Row(name, path)
+        refs: dict[str, Triad | torch.optim.Optimizer] = {"fused": fused_ref, "triad": triad}
+        if path != "fused":
+            refs["foreach"] = foreach_ref
+        time_steps(opt, refs, args.repeats, row)
+        rows.append(row)
+        for ref in ("fused", "foreach"):
+            if ref in row.ref_times:
+                ref_rows[ref].times += row.ref_times[ref]
+                ref_rows[ref].ref_times.setdefault("triad", []).extend(row.ref_times["triad"])
+        summary = f"median {row.median * 1e3:8.2f} ms   x AdamW fused {row.ratio_cell('fused')}"
+        print(f"  {name:38s} {path:8s} {summary}", flush=True)
+        del opt
+        gc.collect()
+    rows = [row for row in ref_rows.values() if row.times] + rows
+    gbs = [triad.nbytes / t / 1e9 for t in ref_rows["fused"].ref_times["triad"]]
+    print(f"\nbandwidth (the triad beside each step): median {statistics.median(gbs):.1f} GB/s, "
+          f"range {min(gbs):.1f} to {max(gbs):.1f} GB/s")  # fmt: skip
+    print_table(workload, rows, triad, args.markdown)
+    if note:
+        print(f"\n{note}")
+    print_targets(workload, rows)
+
+
+HEADER = (
+    "optimizer", "path", "min ms", "median ms", "x AdamW fused", "x AdamW foreach", "bound", "1st extra ms"
+)  # fmt: skip
+
+
+def print_table(workload: str, rows: list[Row], triad: Triad, markdown: bool) -> None:
+    lines = []
+    for row in rows:
+        med = row.median
+        lines.append(
+            (
+                row.name,
+                row.path,
+                f"{min(row.times) * 1e3:.1f}",
+                f"{med * 1e3:.1f}",
+                row.ratio_cell("fused"),
+                row.ratio_cell("foreach"),
+                f"{row.bound(triad):.0%}",
+                f"{(row.first - med) * 1e3:.0f}",
+            )
+        )
+    print()
+    if markdown:
+        print(f"{workload}:\n")
+        print("| " + " | ".join(HEADER) + " |")
+        print("|" + "|".join("---" for _ in HEADER) + "|")
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(map(len, col)) for col in zip(HEADER, *lines, strict=True)]
+    for line in (HEADER, *lines):
+        print("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
+
+
+#: issue 3's targets: the most a fused row may take, in units of torch's fused AdamW
+FUSED_TARGETS = {"AdEMAMix": 1.35} | dict.fromkeys(
+    ["SimplifiedAdEMAMix", "AdaMod", "DiffGrad", "DiffMod"], 1.45
+)
+FOREACH_TARGET = 1.3  # foreach rows, in units of torch's foreach AdamW
+PYTORCH_OPTIMIZER_SPEEDUP = 4.0  # AdEMAMix fused against pytorch_optimizer's AdEMAMix
+
+
+def print_targets(workload: str, rows: list[Row]) -> None:
+    """Issue 3's targets as measured here (median of the interleaved per-step ratios)."""
+    print(f"\ntargets ({workload}; median of per-step ratios):")
+    for row in rows:
+        if row.name in FUSED_TARGETS and row.path == "fused":
+            ratio, limit, ref = row.ratio("fused"), FUSED_TARGETS[row.name], "fused"
+        elif row.name in FUSED_TARGETS and row.path == "foreach":
+            ratio, limit, ref = row.ratio("foreach"), FOREACH_TARGET, "foreach"
+        else:
+            continue
+        verdict = "met" if ratio is not None and ratio <= limit else "MISSED"
+        print(f"  {row.name} {row.path}: {ratio:.2f}x torch {ref} AdamW (target <= {limit}): {verdict}")
+    ours = next((r for r in rows if r.name == "AdEMAMix" and r.path == "fused"), None)
+    for row in rows:
+        if ours is not None and row.name.startswith("pytorch_optimizer") and row.times:
+            speedup = row.ratio("fused") / ours.ratio("fused")  # both against the same reference
+            verdict = "met" if speedup >= PYTORCH_OPTIMIZER_SPEEDUP else "MISSED"
+            print(f"  AdEMAMix fused vs {row.name} ({row.path}): {speedup:.1f}x faster "
+                  f"(target >= {PYTORCH_OPTIMIZER_SPEEDUP}): {verdict}")  # fmt: skip
+
+
+FIRST_STEP_SNIPPET = """
+import time, torch, longmem
+torch.set_num_threads({threads})
+def params():
+    ps = [torch.nn.Parameter(torch.zeros(1000)) for _ in range(4)]
+    for p in ps:
+        p.grad = torch.ones(1000)
+    return ps
+# the same first step without the kernel (state allocation, imports), to subtract
+plain = longmem.{name}(params(), foreach=True)
+start = time.perf_counter(); plain.step(); plain_first = time.perf_counter() - start
+opt = longmem.{name}(params(), fused=True)
+start = time.perf_counter(); opt.step(); first = time.perf_counter() - start
+print(first - plain_first)
+"""
+
+
+def first_step_costs(threads: int, names: list[str]) -> None:
+    """The first fused step's extra time in fresh processes: with an empty kernel cache (the builds),
+    then with the cache filled (loading the built kernels)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "LONGMEM_CACHE_DIR": cache}
+        print("\nFirst fused step's extra cost over a foreach first step (a fresh process each; the")
+        print("first optimizer also builds the generic kernel that all share):")
+        for name in names:
+            code = FIRST_STEP_SNIPPET.format(threads=threads, name=name)
+            costs = []
+            for _ in ("first ever", "cached"):
+                out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise RuntimeError(out.stderr)
+                costs.append(float(out.stdout.strip().splitlines()[-1]))
+            print(
+                f"  {name:20s} first ever (builds into an empty cache): {costs[0] * 1e3:6.0f} ms   "
+                f"cached: {costs[1] * 1e3:5.0f} ms"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="gpt2")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per optimizer and path")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch.set_num_threads (and the fused kernel's)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    paths = ["fused", "foreach", "single"]
+    parser.add_argument("--paths", nargs="+", default=paths[:2], choices=paths)
+    parser.add_argument("--no-pytorch-optimizer", action="store_true", help="skip pytorch_optimizer")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    parser.add_argument(
+        "--first-build",
+        action="store_true",
+        help="time the first fused step in fresh processes, empty cache then cached",
+    )
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, longmem {longmem.__version__}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")  # fmt: skip
+    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    triad = Triad()
+    print(f"memory bandwidth (in-place triad, {args.threads} threads): {triad.bandwidth() / 1e9:.1f} GB/s")
+    if args.first_build:
+        first_step_costs(args.threads, args.optimizers)
+    for workload in WORKLOADS if args.workload == "all" else [args.workload]:
+        run_workload(workload, args, triad)
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
