@@ -97,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
+    from .checkpoint import CheckpointError
     from .experiments._data import DataMissingError
     from .experiments._distributed import DataParallelError, init_world, leave_world, local_world_size
     from .experiments._runner import EXIT_DATA_MISSING, ConfigError, run_experiment
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataMissingError as e:
         print(f"longmem: {e}", file=sys.stderr)
         return EXIT_DATA_MISSING
-    except (ConfigError, DataParallelError) as e:
+    except (ConfigError, DataParallelError, CheckpointError) as e:
         print(f"longmem: {e}", file=sys.stderr)
         return EXIT_DATA_MISSING
     finally:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
+from .. import checkpoint as checkpoint_file
 from ._distributed import barrier, current_world
 from ._optim import OPTIMIZERS, optimizer_label
 from ._report import (
@@ -221,7 +220,7 @@ def _check_resume(exp: Experiment, saved: dict[str, Any], given: dict[str, Any])
 def _load(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint_file.load(path, map_location="cpu")
 
 
 def run_experiment(
@@ -300,7 +299,7 @@ def run_experiment(
                     progress=not quiet,
                 )
                 if world.main:
-                    torch.save({"done": True, "record": record}, path)
+                    checkpoint_file.save(path, {"done": True, "record": record})
                 records[spec.run_id] = record
         except InterruptedRun as e:
             interrupted = str(e)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import checkpoint as checkpoint_file
 from ._distributed import current_world, data_parallel_loss, shard_batch, step_totals
 from ._optim import OPTIMIZERS, lr_at, make_optimizer
 from ._progress import ProgressBar
@@ -175,12 +176,6 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def train_run(
     task: Task,
     spec: RunSpec,
@@ -227,7 +222,7 @@ def train_run(
 
     def save_checkpoint() -> None:
         if checkpoint is not None and world.main:
-            _save(
+            checkpoint_file.save(
                 checkpoint,
                 {
                     "done": False,
