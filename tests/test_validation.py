@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -165,3 +166,13 @@ def test_boundary_values_are_accepted(name):
     p.grad = torch.ones(3)
     opt.step()
     assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize(
+    "cls", [longmem.AdEMAMix, longmem.SimplifiedAdEMAMix, longmem.AdaMod, longmem.DiffGrad, longmem.DiffMod]
+)
+def test_docstring_documents_every_argument(cls) -> None:
+    doc = cls.__doc__ or ""
+    assert "{common_args}" not in doc
+    for name in inspect.signature(cls).parameters:
+        assert f"        {name}: " in doc, f"{cls.__name__} does not document {name!r}"

@@ -43,22 +43,7 @@ class AdEMAMix(LongMemOptimizer):
         alpha_warmup: steps over which alpha grows linearly from 0 (None: no warm-up).
         eps: added to the bias-corrected ``sqrt(nu)``.
         weight_decay: decoupled weight decay, ``p -= lr * weight_decay * p``.
-        foreach: multi-tensor implementation (default: where the device has native kernels).
-        maximize: maximize the objective instead of minimizing it.
-        fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
-            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
-        nonfinite: a step whose gradients hold NaN or Inf: ``"ignore"`` (default: no check, as
-            torch.optim), ``"skip"`` (nothing changes) or ``"raise"`` (an error naming the parameter).
-            The check reads every gradient once, one host sync per step; measured on CPU (2 threads,
-            GPT-2 small's 124M parameters, ``benchmarks/nonfinite_cost.py``) at about 4% of a foreach
-            step and 16-19% of a fused step (up to ~35% under load, or with many small tensors), hence
-            off by default. Beside ``torch.amp.GradScaler``, which skips such steps itself, keep
-            ``"ignore"``. See docs/robustness.md.
-        state_precision: how the state is stored: ``"fp32"`` (default; float32 state, also for bf16/fp16
-            parameters), ``"bf16"`` (bfloat16, stochastically rounded: 2 bytes per element) or ``"8bit"``
-            (blockwise 8-bit codes with a float32 scale per 256 elements, stochastically rounded:
-            about 1.02 bytes per element; tensors under 4096 elements stay float32). The update is
-            computed in float32 either way; see README "Lean optimizer state".
+        {common_args}
 
     State per parameter: ``step``, ``exp_avg_fast`` (m1), ``exp_avg_slow`` (m2), ``exp_avg_sq`` (nu),
     float32 for bf16/fp16 parameters.
