@@ -111,7 +111,8 @@ class LongMemOptimizer(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("nonfinite", _nonfinite.DEFAULT)
             group.setdefault("state_precision", _state_precision.DEFAULT)
-        # unpickled or loaded: lean buffers in the state must be decoded even by a group now in "fp32"
+        # unpickled or loaded (load_state_dict ends here): lean buffers in the state must be decoded even
+        # by a group now in "fp32"
         self._lean_state = self._lean_state or _state_precision.holds_lean_state(self.state)
 
     # ---- state --------------------------------------------------------------------------------
@@ -260,7 +261,6 @@ class LongMemOptimizer(Optimizer):
         if name == "step" or name in self._scalars:
             return value.detach().to(device="cpu", copy=True)
         if _state_precision.is_code(value):  # 8-bit state_precision codes stay codes
-            self._lean_state = True
             return value.detach().to(device=param.device, copy=True)
         return value.detach().to(device=param.device, dtype=state_dtype(param), copy=True)
 

@@ -382,13 +382,10 @@ def keep_bf16_state(
             param, value = id_map[pid], saved_state[pid]
             restored = state[param]
             for name in opt._buffers:
-                if is_code(value.get(name)):
-                    opt._lean_state = True
                 saved_buf = value.get(name)
                 if lean and isinstance(saved_buf, Tensor) and saved_buf.dtype == torch.bfloat16:
                     if lean_capable(param):
                         restored[name] = restored[name].to(torch.bfloat16)
-                        opt._lean_state = True
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
