@@ -345,25 +345,12 @@ def run_experiment(
             f"checkpointed in {CHECKPOINT_DIR}/; continue with `{resume_cmd}`"
         )
         content = _partial_content(exp, plan, records, out)
-        payload.update(status="interrupted", summary=content.summary, runs=records)
-        write_json(out / json_name, payload)
-        write_report(
-            out / "report.md",
-            title=exp.title,
-            claim=exp.claim,
-            content=content,
-            setup=setup,
-            optimizers=plan.optimizers,
-            command=command,
-            versions_=info,
-            wall_time_s=wall_total,
-            json_name=json_name,
-            status_note=note,
-        )
-        print(f"\n{note}\nPartial report: {out / 'report.md'}", file=stream)
-        return EXIT_INTERRUPTED
-    content = exp.summarize(cfg, plan, records, out)
-    payload.update(status="complete", summary=content.summary, runs=records)
+    else:
+        note = ""
+        content = exp.summarize(cfg, plan, records, out)
+    payload.update(
+        status="complete" if interrupted is None else "interrupted", summary=content.summary, runs=records
+    )
     write_json(out / json_name, payload)
     write_report(
         out / "report.md",
@@ -376,7 +363,11 @@ def run_experiment(
         versions_=info,
         wall_time_s=wall_total,
         json_name=json_name,
+        status_note=note,
     )
+    if interrupted is not None:
+        print(f"\n{note}\nPartial report: {out / 'report.md'}", file=stream)
+        return EXIT_INTERRUPTED
     shutil.rmtree(ckdir, ignore_errors=True)
     (out / "partial.png").unlink(missing_ok=True)  # left by an earlier interruption
     print(f"\n{exp.title}\n{content.verdict}\nReport: {out / 'report.md'}", file=stream)
