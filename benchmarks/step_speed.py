@@ -28,7 +28,9 @@ Workloads: ``gpt2`` (GPT-2 small's parameter shapes, 124M parameters in 148 tens
     python3 benchmarks/step_speed.py --workload all --repeats 30 --threads 2 --first-build --markdown
 
 pytorch_optimizer's AdEMAMix is timed when that package is installed (it is no dependency of
-longmem); otherwise the output says so.
+longmem; otherwise the output says so): as constructed by default (``foreach=None``, which takes its
+foreach path, on CPU too), the configuration the 4x target is read against, and with
+``foreach=False``.
 """
 
 from __future__ import annotations
@@ -199,11 +201,15 @@ def pytorch_optimizer_candidates() -> tuple[list[tuple[str, str, Factory]], str]
         return [], "pytorch_optimizer is not installed: its AdEMAMix was not timed"
     from importlib.metadata import version
 
-    def make(ps: list[torch.nn.Parameter], foreach: bool) -> torch.optim.Optimizer:
+    def make(ps: list[torch.nn.Parameter], foreach: bool | None) -> torch.optim.Optimizer:
         return PoAdEMAMix(ps, lr=1e-4, alpha=5.0, weight_decay=0.1, weight_decouple=True, foreach=foreach)
 
+    # Its default (foreach=None) takes its foreach path for real dense tensors, on CPU too.
     label = f"pytorch_optimizer {version('pytorch_optimizer')} AdEMAMix"
-    return [(label, "foreach", lambda ps: make(ps, True)), (label, "single", lambda ps: make(ps, False))], ""
+    return [
+        (label, PYTORCH_OPTIMIZER_DEFAULT, lambda ps: make(ps, None)),
+        (label, "single", lambda ps: make(ps, False)),
+    ], ""
 
 
 def run_workload(workload: str, args: argparse.Namespace, triad: Triad) -> None:
@@ -295,7 +301,8 @@ FUSED_TARGETS = {"AdEMAMix": 1.35} | dict.fromkeys(
     ["SimplifiedAdEMAMix", "AdaMod", "DiffGrad", "DiffMod"], 1.45
 )
 FOREACH_TARGET = 1.3  # foreach rows, in units of torch's foreach AdamW
-PYTORCH_OPTIMIZER_SPEEDUP = 4.0  # AdEMAMix fused against pytorch_optimizer's AdEMAMix
+PYTORCH_OPTIMIZER_SPEEDUP = 4.0  # AdEMAMix fused against pytorch_optimizer's AdEMAMix as built by default
+PYTORCH_OPTIMIZER_DEFAULT = "default: foreach"
 
 
 def print_targets(workload: str, rows: list[Row]) -> None:
@@ -314,9 +321,12 @@ def print_targets(workload: str, rows: list[Row]) -> None:
     for row in rows:
         if ours is not None and row.name.startswith("pytorch_optimizer") and row.times:
             speedup = row.ratio("fused") / ours.ratio("fused")  # both against the same reference
-            verdict = "met" if speedup >= PYTORCH_OPTIMIZER_SPEEDUP else "MISSED"
-            print(f"  AdEMAMix fused vs {row.name} ({row.path}): {speedup:.1f}x faster "
-                  f"(target >= {PYTORCH_OPTIMIZER_SPEEDUP}): {verdict}")  # fmt: skip
+            if row.path == PYTORCH_OPTIMIZER_DEFAULT:
+                verdict = "met" if speedup >= PYTORCH_OPTIMIZER_SPEEDUP else "MISSED"
+                goal = f"(target >= {PYTORCH_OPTIMIZER_SPEEDUP}): {verdict}"
+            else:
+                goal = "(its opt-in path; the target is stated for its default)"
+            print(f"  AdEMAMix fused vs {row.name} ({row.path}): {speedup:.1f}x faster {goal}")
 
 
 FIRST_STEP_SNIPPET = """

@@ -439,3 +439,54 @@ def test_sparse_gradient_raises(name, foreach):
     with pytest.raises(RuntimeError, match=r"(?i)sparse"):
         opt.step()
     assert torch.equal(p.detach(), torch.zeros(5, 3))
+
+
+BLOCK_SPECS = [
+    ((37, 29), torch.float32),
+    ((500,), torch.bfloat16),
+    ((300,), torch.complex64),
+    ((40, 7), torch.float64),
+]
+
+
+def _run_blocks(name, hp, foreach, block, monkeypatch):
+    """Eight steps on tensors larger than ``block``; the CPU paths then cut them into blocks."""
+    monkeypatch.setattr(longmem._elementwise, "CPU_BLOCK_NUMEL", block)
+    gen = torch.Generator().manual_seed(3)
+    params = [
+        torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype)) for shape, dtype in BLOCK_SPECS
+    ]
+    params.append(torch.nn.Parameter(torch.randn(30, 20, generator=gen).t()))  # not contiguous: whole
+    opt = getattr(longmem, name)(params, foreach=foreach, **hp)
+    for _ in range(STEPS):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize(("name", "hp"), PATH_CONFIGS, ids=CONFIG_IDS)
+def test_cpu_blocks_compute_the_same_numbers(name, hp, monkeypatch):
+    """Cutting large CPU tensors into cache-sized blocks (both paths) changes no bit of the result."""
+    whole, _ = _run_blocks(name, hp, False, 10**9, monkeypatch)
+    for foreach in (False, True):
+        blocked, opt = _run_blocks(name, hp, foreach, 256, monkeypatch)
+        for k, (a, b) in enumerate(zip(blocked, whole, strict=True)):
+            assert torch.equal(a.detach(), b.detach()), (foreach, k)
+            for key, buf in opt.state[a].items():  # low-precision parameters keep float32 state
+                if buf.shape == a.shape:
+                    assert buf.dtype == (a.dtype if a.dtype in (F64, torch.complex64) else torch.float32), key
+
+
+def test_cpu_pieces_are_views_of_large_contiguous_tensors(monkeypatch):
+    from longmem._elementwise import _pieces
+
+    monkeypatch.setattr(longmem._elementwise, "CPU_BLOCK_NUMEL", 256)
+    p, g, m = torch.zeros(1000), torch.ones(1000), torch.zeros(1000)
+    pieces = _pieces(p, g, {"exp_avg": m})
+    assert [piece[0].numel() for piece in pieces] == [256, 256, 256, 232]
+    for piece in pieces:
+        piece[2]["exp_avg"].add_(piece[1])  # a view: writes land in the state itself
+    assert torch.equal(m, torch.ones(1000))
+    assert len(_pieces(p.view(40, 25).t(), g.view(40, 25).t(), {"exp_avg": m.view(40, 25).t()})) == 1
+    assert len(_pieces(torch.zeros(256), torch.zeros(256), {"exp_avg": torch.zeros(256)})) == 1

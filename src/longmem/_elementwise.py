@@ -310,6 +310,50 @@ def run_rule(
     _apply(rule, params, grads, buffers, steps, indices, foreach=foreach, maximize=maximize)
 
 
+# On CPU each operation of a rule is its own pass over the tensors it touches; over a whole model
+# every pass streams from main memory and every temporary is a fresh allocation (page faults).
+# Running the rule over blocks this small keeps a block's buffers and temporaries in the last-level
+# cache from one operation to the next, so memory is read and written about once per step. Blocks
+# are views; every path (single, foreach, the fused path's fallback) cuts a tensor the same way,
+# so they still compute identical numbers.
+CPU_BLOCK_NUMEL = 1 << 17
+
+
+def _pieces(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> list[tuple[Tensor, Tensor, dict[str, Tensor]]]:
+    """``(p, g, state)`` whole, or cut into aligned flat blocks of ``CPU_BLOCK_NUMEL`` elements when
+    they are large contiguous CPU tensors."""
+    n = p.numel()
+    tensors = (p, g, *state.values())
+    if n <= CPU_BLOCK_NUMEL or p.device.type != "cpu" or not all(t.is_contiguous() for t in tensors):
+        return [(p, g, state)]
+    flat_p, flat_g = p.view(-1), g.view(-1)
+    flat_state = {name: buf.view(-1) for name, buf in state.items()}
+    return [
+        (
+            flat_p[start : start + CPU_BLOCK_NUMEL],
+            flat_g[start : start + CPU_BLOCK_NUMEL],
+            {name: buf[start : start + CPU_BLOCK_NUMEL] for name, buf in flat_state.items()},
+        )
+        for start in range(0, n, CPU_BLOCK_NUMEL)
+    ]
+
+
+def _batches(pieces: list[Any], numels: list[int], on_cpu: bool) -> list[list[Any]]:
+    """Consecutive pieces grouped into lists of at most ``CPU_BLOCK_NUMEL`` elements on CPU (so that
+    a list's operations stay in cache); one list elsewhere (native multi-tensor kernels)."""
+    if not on_cpu:
+        return [pieces]
+    batches: list[list[Any]] = []
+    size = 0
+    for piece, numel in zip(pieces, numels, strict=True):
+        if not batches or size + numel > CPU_BLOCK_NUMEL:
+            batches.append([])
+            size = 0
+        batches[-1].append(piece)
+        size += numel
+    return batches
+
+
 def _apply(
     rule: Callable[..., None],
     params: Sequence[Tensor],
@@ -326,23 +370,28 @@ def _apply(
     absent = {name: None for name, tensors in buffers.items() if tensors is None}
     reference = names[0]  # every rule keeps at least one full-size buffer
 
-    def work_tensors(i: int) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        p = _real(params[i])
+    def pieces_of(i: int) -> list[tuple[Tensor, Tensor, dict[str, Tensor]]]:
         state = {name: _real(buffers[name][i]) for name in names}  # type: ignore[index]
+        return _pieces(_real(params[i]), _real(grads[i]), state)
+
+    def work_tensors(
+        piece: tuple[Tensor, Tensor, dict[str, Tensor]],
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        p, g, state = piece
         dtype = state[reference].dtype
-        g = _real(grads[i])
         g = g.to(dtype) if g.dtype != dtype else g
         pw = p.to(dtype) if p.dtype != dtype else p
         return p, pw, g, state
 
     if not foreach:
         for i in indices:
-            p, pw, g, state = work_tensors(i)
-            if maximize:
-                g = torch.neg(g)
-            rule(TensorOps, steps[i], pw, g, **state, **absent)
-            if pw is not p:
-                p.copy_(pw)
+            for piece in pieces_of(i):
+                p, pw, g, state = work_tensors(piece)
+                if maximize:
+                    g = torch.neg(g)
+                rule(TensorOps, steps[i], pw, g, **state, **absent)
+                if pw is not p:
+                    p.copy_(pw)
         return
 
     buckets: dict[tuple[Any, ...], list[int]] = {}
@@ -350,14 +399,17 @@ def _apply(
         p = params[i]
         key = (p.device, p.dtype, buffers[reference][i].dtype, steps[i])  # type: ignore[index]
         buckets.setdefault(key, []).append(i)
-    for (_, _, _, t), bucket in buckets.items():
-        prepared = [work_tensors(i) for i in bucket]
-        originals = [item[0] for item in prepared]
-        pw = [item[1] for item in prepared]
-        g = [item[2] for item in prepared]
-        state = {name: [item[3][name] for item in prepared] for name in names}
-        if maximize:
-            g = list(torch._foreach_neg(g))
-        rule(ListOps, t, pw, g, **state, **absent)
-        if pw[0] is not originals[0]:
-            torch._foreach_copy_(originals, pw)
+    for (device, _, _, t), bucket in buckets.items():
+        pieces = [piece for i in bucket for piece in pieces_of(i)]
+        numels = [piece[0].numel() for piece in pieces]
+        for batch in _batches(pieces, numels, device.type == "cpu"):
+            prepared = [work_tensors(piece) for piece in batch]
+            originals = [item[0] for item in prepared]
+            pw = [item[1] for item in prepared]
+            g = [item[2] for item in prepared]
+            state = {name: [item[3][name] for item in prepared] for name in names}
+            if maximize:
+                g = list(torch._foreach_neg(g))
+            rule(ListOps, t, pw, g, **state, **absent)
+            if pw[0] is not originals[0]:
+                torch._foreach_copy_(originals, pw)

@@ -131,8 +131,7 @@ def adamod_rule(
 ) -> None:
     """AdaMod's update; with ``previous_grad`` (DiffMod) the bounded step is also scaled by diffGrad's
     friction."""
-    ops.mul_(exp_avg, beta1)
-    ops.add_(exp_avg, g, alpha=1.0 - beta1)
+    ops.lerp_(exp_avg, g, 1.0 - beta1)
     ops.mul_(exp_avg_sq, beta2)
     ops.addcmul_(exp_avg_sq, g, g, value=1.0 - beta2)
 
@@ -140,6 +139,7 @@ def adamod_rule(
     ops.add_scalar_(eta, eps)
     ops.reciprocal_(eta)
     ops.mul_(eta, lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+    # not lerp: with eps = 0 a zero gradient makes eta infinite, and lerp(inf, inf) is NaN
     ops.mul_(exp_avg_lr, beta3)
     ops.add_(exp_avg_lr, eta, alpha=1.0 - beta3)
     ops.minimum_(eta, exp_avg_lr)
@@ -149,10 +149,9 @@ def adamod_rule(
     if previous_grad is not None:
         scaled_momentum = friction(ops, previous_grad, g)
         ops.mul_(scaled_momentum, exp_avg)
-        ops.mul_(eta, scaled_momentum)
+        ops.addcmul_(p, eta, scaled_momentum, value=-1.0)
     else:
-        ops.mul_(eta, exp_avg)
-    ops.sub_(p, eta)
+        ops.addcmul_(p, eta, exp_avg, value=-1.0)
 
 
 def adamod(

@@ -131,8 +131,7 @@ def _diffgrad_rule(
 ) -> None:
     if weight_decay != 0.0:
         g = ops.add(g, p, alpha=weight_decay)
-    ops.mul_(exp_avg, beta1)
-    ops.add_(exp_avg, g, alpha=1.0 - beta1)
+    ops.lerp_(exp_avg, g, 1.0 - beta1)
     ops.mul_(exp_avg_sq, beta2)
     ops.addcmul_(exp_avg_sq, g, g, value=1.0 - beta2)
     denom = ops.sqrt(exp_avg_sq)
