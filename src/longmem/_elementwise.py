@@ -16,6 +16,8 @@ The driver also does the bookkeeping every optimizer shares:
   into the parameter's own dtype once, at the end of the step;
 * for ``foreach``, buckets tensors by device, dtypes and step count, so that every bucket shares
   the same scalar hyperparameters;
+* on CPU, runs the rule over cache-sized blocks (large tensors cut into views, small ones grouped
+  into short lists), so that its many elementwise passes hit the cache instead of main memory;
 * for ``fused``, hands the rule to ``longmem.kernels``, which traces it into a program that one
   kernel runs in a single pass over memory (the same float32 operations in the same order).
 """
@@ -312,10 +314,11 @@ def run_rule(
 
 # On CPU each operation of a rule is its own pass over the tensors it touches; over a whole model
 # every pass streams from main memory and every temporary is a fresh allocation (page faults).
-# Running the rule over blocks this small keeps a block's buffers and temporaries in the last-level
-# cache from one operation to the next, so memory is read and written about once per step. Blocks
-# are views; every path (single, foreach, the fused path's fallback) cuts a tensor the same way,
-# so they still compute identical numbers.
+# Running the rule over blocks keeps a block's buffers and temporaries in cache from one operation
+# to the next, so main memory is read and written about once per step. 2**17 elements is 512 KiB
+# per float32 buffer: a rule's 5-10 buffers and temporaries fit in L2/L3 (2**16 and 2**18 timed
+# about the same; benchmarks/step_speed.py). Blocks are views; every path (single, foreach, the
+# fused path's fallback) cuts a tensor the same way, so they still compute identical numbers.
 CPU_BLOCK_NUMEL = 1 << 17
 
 
