@@ -322,12 +322,18 @@ def run_rule(
 CPU_BLOCK_NUMEL = 1 << 17
 
 
+def _blocked(device: torch.device) -> bool:
+    # Under torch.compile the compiler fuses the rule's operations itself; blocks would only
+    # unroll into a graph with a slice per block.
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _pieces(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> list[tuple[Tensor, Tensor, dict[str, Tensor]]]:
     """``(p, g, state)`` whole, or cut into aligned flat blocks of ``CPU_BLOCK_NUMEL`` elements when
     they are large contiguous CPU tensors."""
     n = p.numel()
     tensors = (p, g, *state.values())
-    if n <= CPU_BLOCK_NUMEL or p.device.type != "cpu" or not all(t.is_contiguous() for t in tensors):
+    if n <= CPU_BLOCK_NUMEL or not _blocked(p.device) or not all(t.is_contiguous() for t in tensors):
         return [(p, g, state)]
     flat_p, flat_g = p.view(-1), g.view(-1)
     flat_state = {name: buf.view(-1) for name, buf in state.items()}
@@ -341,10 +347,10 @@ def _pieces(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> list[tuple[Tensor
     ]
 
 
-def _batches(pieces: list[Any], numels: list[int], on_cpu: bool) -> list[list[Any]]:
+def _batches(pieces: list[Any], numels: list[int], device: torch.device) -> list[list[Any]]:
     """Consecutive pieces grouped into lists of at most ``CPU_BLOCK_NUMEL`` elements on CPU (so that
     a list's operations stay in cache); one list elsewhere (native multi-tensor kernels)."""
-    if not on_cpu:
+    if not _blocked(device):
         return [pieces]
     batches: list[list[Any]] = []
     size = 0
@@ -405,7 +411,7 @@ def _apply(
     for (device, _, _, t), bucket in buckets.items():
         pieces = [piece for i in bucket for piece in pieces_of(i)]
         numels = [piece[0].numel() for piece in pieces]
-        for batch in _batches(pieces, numels, device.type == "cpu"):
+        for batch in _batches(pieces, numels, device):
             prepared = [work_tensors(piece) for piece in batch]
             originals = [item[0] for item in prepared]
             pw = [item[1] for item in prepared]
