@@ -252,6 +252,32 @@ def test_no_warmup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert row_for(report, entry["label"])[2] == f"{entry['final_heldout_loss'][0]:.3f}"
 
 
+def _no_warmup_runs(losses: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Summary entries at lr 0.003 from (early, final) held-out losses per variant, two seeds each."""
+    return {
+        f"{variant}@0.003": {"early_heldout_loss": [early] * 2, "final_heldout_loss": [final] * 2}
+        for variant, (early, final) in losses.items()
+    }
+
+
+def test_no_warmup_verdict_tells_stalled_runs_from_a_comparison() -> None:
+    from longmem.experiments.no_warmup import NoWarmupExperiment
+
+    verdict = NoWarmupExperiment._verdict
+    # all three stuck at the byte-frequency loss (measured at lr 3e-3 on the default model)
+    stalled = _no_warmup_runs(
+        {"adam": (3.202, 3.184), "adamod": (3.238, 3.183), "adam-warmup": (3.211, 3.183)}
+    )
+    text = verdict(stalled, [3e-3], 60)
+    assert "all three stopped learning after step ~60" in text and "matches" not in text
+    learning = _no_warmup_runs({"adam": (3.3, 2.9), "adamod": (3.1, 2.3), "adam-warmup": (3.0, 2.5)})
+    text = verdict(learning, [3e-3], 60)
+    assert "AdaMod without warm-up beats Adam with warm-up" in text and "stopped" not in text
+    # one run still learning: a comparison, not a stall
+    one_learns = _no_warmup_runs({"adam": (3.2, 3.18), "adamod": (3.2, 2.6), "adam-warmup": (3.2, 3.18)})
+    assert "stopped" not in verdict(one_learns, [3e-3], 60)
+
+
 def test_schedulers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sched"
     code, text = run(

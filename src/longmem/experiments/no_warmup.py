@@ -32,6 +32,10 @@ from .lr_sensitivity import task_for
 
 __all__ = ["NoWarmupExperiment", "parse_lrs"]
 
+#: a run whose final held-out loss is within this many nats of its loss after the first tenth of
+#: the steps has stopped learning
+STALLED_NATS = 0.1
+
 #: (group suffix, optimizer, warm-up on?, label)
 VARIANTS = [
     ("adam", "adam", False, "Adam, no warm-up"),
@@ -161,12 +165,12 @@ class NoWarmupExperiment(Experiment):
             note=f"Nats per byte, {over_seeds(n)}. Loss spike: the "
             "largest rise of the smoothed training loss above its running minimum.",
         )
-        verdict = self._verdict(summary["runs"], lrs)
+        verdict = self._verdict(summary["runs"], lrs, early)
         summary["verdict"] = verdict
         return ReportContent(verdict, [table], [self._figure(groups, lrs, out)], [], summary)
 
     @staticmethod
-    def _verdict(runs: dict[str, Any], lrs: list[float]) -> str:
+    def _verdict(runs: dict[str, Any], lrs: list[float], early: int) -> str:
         parts = []
         for lr in lrs:
             get = {v: runs.get(f"{v}@{lr:g}") for v, *_ in VARIANTS}
@@ -174,11 +178,22 @@ class NoWarmupExperiment(Experiment):
                 continue
             m = {v: mean_std(e["final_heldout_loss"])[0] for v, e in get.items()}  # type: ignore[union-attr]
             s = {v: mean_std(e["final_heldout_loss"])[1] for v, e in get.items()}  # type: ignore[union-attr]
+            first = {v: mean_std(e["early_heldout_loss"])[0] for v, e in get.items()}  # type: ignore[union-attr]
             text = (
                 f"At lr {lr:g}: Adam without warm-up {fmt(m['adam'])}, AdaMod without warm-up "
                 f"{fmt(m['adamod'])}, Adam with warm-up {fmt(m['adam-warmup'])}"
             )
             noise = max(s["adamod"], s["adam-warmup"])
+            # Runs that stop learning after the first tenth (typically a collapse to predicting byte
+            # frequencies) agree with each other without saying anything about warm-up.
+            if all(math.isfinite(m[v]) and m[v] > first[v] - STALLED_NATS for v in m):
+                text += (
+                    f": all three stopped learning after step ~{early} (less than {STALLED_NATS} nats "
+                    "gained since), with warm-up or without: this lr is too large for this model, and "
+                    "the comparison says nothing about warm-up."
+                )
+                parts.append(text)
+                continue
             if not math.isfinite(m["adamod"]):
                 text += " (AdaMod diverged)."
             elif m["adamod"] < m["adam-warmup"] - noise:
