@@ -294,6 +294,28 @@ def test_fp32_mode_is_unchanged_bit_for_bit():
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", LEAN)
+def test_codec_pieces_change_no_bit(name, mode, monkeypatch):
+    """On CPU the codec runs over pieces of ``CODEC_PIECE`` elements (partial last blocks included):
+    the rounding noise is drawn in the same order, so codes, scales and parameters are those of one
+    piece."""
+
+    def run(piece):
+        monkeypatch.setattr(sp, "CODEC_PIECE", piece)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (5000, 4396)]
+        opt = getattr(longmem, name)(params, state_precision=mode, **HP[name])
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return opt, params
+
+    assert sp.CODEC_PIECE % sp.BLOCK_SIZE == 0
+    _assert_same(*run(10**9), *run(1280))
+
+
 # ---- checkpoints --------------------------------------------------------------------------------------
 
 

@@ -80,6 +80,10 @@ UNSIGNED_GRID = (255, 4)
 #: parameters are decoded, updated and encoded in chunks of about this many elements, which bounds
 #: the float32 work memory of a step (a larger tensor is a chunk of its own)
 CHUNK_ELEMENTS = 1 << 22
+#: on CPU a buffer is decoded and encoded in pieces of this many elements (a multiple of BLOCK_SIZE),
+#: so that the codec's many elementwise passes run in cache; the rounding noise is drawn in the same
+#: order either way (one draw per element, in sequence), so the result does not depend on it
+CODEC_PIECE = 1 << 16
 
 _LEAN_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CODE_DTYPES = (torch.int8, torch.uint8)
@@ -234,6 +238,13 @@ def _zeros(param: Tensor, name: str, form: str) -> tuple[Tensor, Tensor | None]:
     return torch.zeros(param.shape, dtype=dtype, device=param.device), scale
 
 
+def _codec_pieces(flat: Tensor) -> list[tuple[int, Tensor]]:
+    """``(start, view)`` pieces of a flat buffer for the codec: ``CODEC_PIECE`` elements on CPU, the
+    whole buffer elsewhere."""
+    step = CODEC_PIECE if flat.device.type == "cpu" else max(flat.numel(), 1)
+    return [(start, flat[start : start + step]) for start in range(0, flat.numel(), step)]
+
+
 def _decode(state: dict[str, Any], name: str, param: Tensor) -> Tensor:
     """A state buffer as the float32 (state dtype) tensor the rule works on; full-precision buffers
     are returned themselves (the rule updates them in place)."""
@@ -241,7 +252,15 @@ def _decode(state: dict[str, Any], name: str, param: Tensor) -> Tensor:
 
     stored = state[name]
     if stored.dtype in _CODE_DTYPES:
-        return dequantize(stored, state[name + SCALE_SUFFIX], signed=name not in UNSIGNED_BUFFERS)
+        absmax, signed = state[name + SCALE_SUFFIX], name not in UNSIGNED_BUFFERS
+        work = torch.empty(stored.shape, dtype=torch.float32, device=stored.device)
+        out = work.view(-1)
+        for start, piece in _codec_pieces(stored.reshape(-1)):
+            first = start // BLOCK_SIZE
+            out[start : start + piece.numel()] = dequantize(
+                piece, absmax[first : first + num_blocks(piece.numel())], signed
+            )
+        return work
     dtype = state_dtype(param)
     return stored if stored.dtype == dtype else stored.to(dtype)
 
@@ -252,11 +271,23 @@ def _encode(state: dict[str, Any], name: str, work: Tensor, form: str, seed: int
         state.pop(name + SCALE_SUFFIX, None)
         return
     generator = _generator(seed, work.device)
+    flat = work.reshape(-1)
     if form == "bf16":
-        state[name] = round_bf16(work, generator)
+        out = torch.empty(work.shape, dtype=torch.bfloat16, device=work.device)
+        for start, piece in _codec_pieces(flat):
+            out.view(-1)[start : start + piece.numel()] = round_bf16(piece, generator)
+        state[name] = out
         state.pop(name + SCALE_SUFFIX, None)
-    else:
-        state[name], state[name + SCALE_SUFFIX] = quantize(work, name not in UNSIGNED_BUFFERS, generator)
+        return
+    signed = name not in UNSIGNED_BUFFERS
+    codes = torch.empty(work.shape, dtype=torch.int8 if signed else torch.uint8, device=work.device)
+    absmax = torch.empty(num_blocks(flat.numel()), dtype=torch.float32, device=work.device)
+    for start, piece in _codec_pieces(flat):
+        piece_codes, piece_absmax = quantize(piece, signed, generator)
+        codes.view(-1)[start : start + piece.numel()] = piece_codes
+        first = start // BLOCK_SIZE
+        absmax[first : first + piece_absmax.numel()] = piece_absmax
+    state[name], state[name + SCALE_SUFFIX] = codes, absmax
 
 
 # ---- the step ----------------------------------------------------------------------------------
