@@ -8,11 +8,13 @@ Sections:
 
 1. Optimizer-state bytes per parameter, for every optimizer and mode: on one 1024 x 1024 matrix, and on
    the demo's GPT (``--lm-size``), whose small tensors (biases, norms) keep float32 state in 8-bit mode.
-2. Slow EMA (beta 0.9999) of 0.5 + N(0, 1) over ``--ema-steps`` steps and ``--ema-elements`` elements,
+2. Peak process memory of a step on one 38.6M-element tensor per mode (fresh processes), lean modes
+   with the codec over 64K-element pieces (as shipped) and over whole tensors.
+3. Slow EMA (beta 0.9999) of 0.5 + N(0, 1) over ``--ema-steps`` steps and ``--ema-elements`` elements,
    kept in each mode, against float32: the error of the mean and the per-element RMS error.
-3. Step time of AdEMAMix per mode (median of ``--repeats``) on ``--time-params`` parameters, beside
+4. Step time of AdEMAMix per mode (median of ``--repeats``) on ``--time-params`` parameters, beside
    torchao's ``AdamW8bit`` and bitsandbytes' ``AdEMAMix8bit`` when they are installed and run here.
-4. The demo's LM task (``longmem.experiments``' LMTask, the ``lm`` experiment's settings for AdEMAMix:
+5. The demo's LM task (``longmem.experiments``' LMTask, the ``lm`` experiment's settings for AdEMAMix:
    lr 2e-3 with 5% warm-up then cosine, weight decay 0.1, clipping 1.0, alpha 8, beta3 by the paper's
    guidance, schedulers over the run) for ``--lm-steps`` steps in each mode: final held-out loss.
 """
@@ -71,6 +73,43 @@ def memory_section(lm_size: str) -> dict[str, Any]:
         rows.append(row)
     print(f"\n## Optimizer-state bytes per parameter (1024x1024 matrix / the {lm_size} GPT)\n")
     print(_table(["optimizer", *MODES], rows))
+    return results
+
+
+PEAK_SNIPPET = """
+import resource, sys, torch, longmem
+from longmem import _state_precision as sp
+sp.CODEC_PIECE = int(sys.argv[1])
+torch.set_num_threads(1)
+p = torch.nn.Parameter(torch.randn(50257, 768))
+p.grad = torch.randn_like(p)
+opt = longmem.AdEMAMix([p], lr=1e-4, fused=True, state_precision=sys.argv[2])
+for _ in range(3):
+    opt.step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_section() -> dict[str, Any]:
+    """Peak process memory (max RSS) of three AdEMAMix steps on one 38.6M-element tensor (GPT-2's
+    embedding), each mode in a fresh process; lean modes also with the codec run over whole tensors."""
+    import subprocess
+
+    runs = [("fp32", sp.CODEC_PIECE)] + [
+        (m, piece) for m in ("bf16", "8bit") for piece in (sp.CODEC_PIECE, 10**12)
+    ]
+    results: dict[str, Any] = {}
+    rows = []
+    for mode, piece in runs:
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_SNIPPET, str(piece), mode], capture_output=True, text=True, check=True
+        )
+        mib = int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+        codec = "whole tensors" if piece > 10**9 else f"pieces of {piece}"
+        results[f"{mode}, {codec}"] = mib
+        rows.append([mode, codec if mode != "fp32" else "-", f"{mib:.0f}"])
+    print("\n## Peak process memory, 3 AdEMAMix steps (fused) on one 50257 x 768 tensor\n")
+    print(_table(["state", "codec", "peak RSS MiB"], rows))
     return results
 
 
@@ -282,11 +321,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-ema", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-lm", action="store_true")
+    parser.add_argument("--skip-peak", action="store_true")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), longmem {longmem.__version__}")
     out: dict[str, Any] = {"args": vars(args), "memory": memory_section(args.lm_size)}
+    if not args.skip_peak:
+        out["peak"] = peak_section()
     if not args.skip_ema:
         out["ema"] = ema_section(args.ema_steps, args.ema_elements)
     if not args.skip_timing:
