@@ -316,6 +316,39 @@ def test_codec_pieces_change_no_bit(name, mode, monkeypatch):
     _assert_same(*run(10**9), *run(1280))
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_large_tensors_step_in_pieces_change_no_bit(name, path, monkeypatch):
+    """A tensor larger than ``CHUNK_ELEMENTS`` is stepped a piece at a time (its float32 work memory
+    one piece): the same parameters, codes and scales as one piece, through mode changes (float32
+    state encoded, 8-bit codes and bf16 decoded in pieces) and scalar state (SimplifiedAdEMAMix)."""
+    calls = []
+    whole_tensor_step = sp._step_in_pieces
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])
+        return whole_tensor_step(*args, **kwargs)
+
+    def run(chunk):
+        monkeypatch.setattr(sp, "CHUNK_ELEMENTS", chunk)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (5000, 300, 4396)]
+        opt = getattr(longmem, name)(params, **PATHS[path], **HP[name])
+        for mode in ("fp32", "fp32", "8bit", "8bit", "8bit", "bf16", "bf16", "8bit"):
+            opt.param_groups[0]["state_precision"] = mode
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return opt, params
+
+    monkeypatch.setattr(sp, "_step_in_pieces", spy)
+    whole = run(10**9)
+    assert calls == []
+    pieces = run(1024)
+    assert calls and set(calls) == {0, 2}  # the two large tensors, at every lean step
+    _assert_same(*whole, *pieces)
+
+
 # ---- checkpoints --------------------------------------------------------------------------------------
 
 

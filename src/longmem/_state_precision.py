@@ -1,8 +1,9 @@
 """Lean optimizer state: ``state_precision="bf16"`` or ``"8bit"`` on every longmem optimizer.
 
 The state is *stored* compressed and *computed* in float32: each step decodes a chunk of parameters'
-state to float32 work tensors, runs the optimizer's unchanged update rule on them (per tensor,
-foreach or fused, exactly as with ``"fp32"``), and encodes the result back. Every encoding rounds
+state (or a piece of one large tensor) to float32 work tensors, runs the optimizer's unchanged
+update rule on them (per tensor, foreach or fused, exactly as with ``"fp32"``), and encodes the
+result back. Every encoding rounds
 **stochastically**: rounded up with probability (distance to the lower grid point) / (grid spacing),
 so the stored value is unbiased. Round-to-nearest is not an option: with beta 0.9999 an EMA's
 increment ``(1 - beta) * (g - m)`` is far below one grid step, so it would be rounded away every step
@@ -78,7 +79,7 @@ UNSIGNED_BUFFERS = frozenset({"exp_avg_sq", "exp_avg_lr"})
 SIGNED_GRID = (127, 3)
 UNSIGNED_GRID = (255, 4)
 #: parameters are decoded, updated and encoded in chunks of about this many elements, which bounds
-#: the float32 work memory of a step (a larger tensor is a chunk of its own)
+#: the float32 work memory of a step (a larger tensor is stepped in flat pieces of this size)
 CHUNK_ELEMENTS = 1 << 22
 #: on CPU a buffer is decoded and encoded in pieces of this many elements (a multiple of BLOCK_SIZE),
 #: so that the codec's many elementwise passes run in cache; the rounding noise is drawn in the same
@@ -245,18 +246,21 @@ def _codec_pieces(flat: Tensor) -> list[tuple[int, Tensor]]:
     return [(start, flat[start : start + step]) for start in range(0, flat.numel(), step)]
 
 
-def _decode(state: dict[str, Any], name: str, param: Tensor) -> Tensor:
-    """A state buffer as the float32 (state dtype) tensor the rule works on; full-precision buffers
-    are returned themselves (the rule updates them in place)."""
+def _decode(state: dict[str, Any], name: str, param: Tensor, span: slice | None = None) -> Tensor:
+    """A state buffer (or the flat ``span`` of it) as the float32 (state dtype) tensor the rule works
+    on; full-precision buffers are returned themselves (the rule updates them in place)."""
     from ._base import state_dtype
 
     stored = state[name]
+    if span is not None:
+        stored = stored.view(-1)[span]
     if stored.dtype in _CODE_DTYPES:
         absmax, signed = state[name + SCALE_SUFFIX], name not in UNSIGNED_BUFFERS
+        offset = 0 if span is None else span.start
         work = torch.empty(stored.shape, dtype=torch.float32, device=stored.device)
         out = work.view(-1)
         for start, piece in _codec_pieces(stored.reshape(-1)):
-            first = start // BLOCK_SIZE
+            first = (offset + start) // BLOCK_SIZE
             out[start : start + piece.numel()] = dequantize(
                 piece, absmax[first : first + num_blocks(piece.numel())], signed
             )
@@ -265,29 +269,61 @@ def _decode(state: dict[str, Any], name: str, param: Tensor) -> Tensor:
     return stored if stored.dtype == dtype else stored.to(dtype)
 
 
+def _new_stored(work: Tensor, name: str, form: str) -> dict[str, Tensor]:
+    """Empty storage for a buffer of ``work``'s shape in ``form`` ("bf16" or "8bit")."""
+    if form == "bf16":
+        return {name: torch.empty(work.shape, dtype=torch.bfloat16, device=work.device)}
+    dtype = torch.uint8 if name in UNSIGNED_BUFFERS else torch.int8
+    return {
+        name: torch.empty(work.shape, dtype=dtype, device=work.device),
+        name + SCALE_SUFFIX: torch.empty(num_blocks(work.numel()), dtype=torch.float32, device=work.device),
+    }
+
+
+def _storage_for(stored: dict[str, Any], name: str, p: Tensor, form: str) -> dict[str, Tensor]:
+    """Where a buffer's encoding goes when stepped in pieces: its own storage when that is already in
+    ``form`` (each piece is decoded before its range is overwritten, and no piece reads another's
+    range), else new storage (a mode change)."""
+    current = stored[name]
+    if form == "bf16" and current.dtype == torch.bfloat16:
+        return {name: current}
+    code_dtype = torch.uint8 if name in UNSIGNED_BUFFERS else torch.int8
+    if form == "8bit" and current.dtype == code_dtype and name + SCALE_SUFFIX in stored:
+        return {name: current, name + SCALE_SUFFIX: stored[name + SCALE_SUFFIX]}
+    return _new_stored(p, name, form)
+
+
+def _encode_into(
+    stored: dict[str, Tensor], name: str, work: Tensor, offset: int, generator: torch.Generator
+) -> None:
+    """Encode float32 ``work`` into the flat range ``offset:`` of ``stored`` (from ``_new_stored``;
+    ``offset`` a multiple of ``BLOCK_SIZE``), drawing its rounding noise from ``generator`` in order."""
+    codes = stored[name].view(-1)
+    for start, piece in _codec_pieces(work.reshape(-1)):
+        at = offset + start
+        if codes.dtype == torch.bfloat16:
+            codes[at : at + piece.numel()] = round_bf16(piece, generator)
+            continue
+        piece_codes, piece_absmax = quantize(piece, name not in UNSIGNED_BUFFERS, generator)
+        codes[at : at + piece.numel()] = piece_codes.view(-1)
+        first = at // BLOCK_SIZE
+        stored[name + SCALE_SUFFIX][first : first + piece_absmax.numel()] = piece_absmax
+
+
+def _store(state: dict[str, Any], name: str, stored: dict[str, Tensor]) -> None:
+    state.update(stored)
+    if name + SCALE_SUFFIX not in stored:
+        state.pop(name + SCALE_SUFFIX, None)
+
+
 def _encode(state: dict[str, Any], name: str, work: Tensor, form: str, seed: int) -> None:
     if form == "full":
         state[name] = work
         state.pop(name + SCALE_SUFFIX, None)
         return
-    generator = _generator(seed, work.device)
-    flat = work.reshape(-1)
-    if form == "bf16":
-        out = torch.empty(work.shape, dtype=torch.bfloat16, device=work.device)
-        for start, piece in _codec_pieces(flat):
-            out.view(-1)[start : start + piece.numel()] = round_bf16(piece, generator)
-        state[name] = out
-        state.pop(name + SCALE_SUFFIX, None)
-        return
-    signed = name not in UNSIGNED_BUFFERS
-    codes = torch.empty(work.shape, dtype=torch.int8 if signed else torch.uint8, device=work.device)
-    absmax = torch.empty(num_blocks(flat.numel()), dtype=torch.float32, device=work.device)
-    for start, piece in _codec_pieces(flat):
-        piece_codes, piece_absmax = quantize(piece, signed, generator)
-        codes.view(-1)[start : start + piece.numel()] = piece_codes
-        first = start // BLOCK_SIZE
-        absmax[first : first + piece_absmax.numel()] = piece_absmax
-    state[name], state[name + SCALE_SUFFIX] = codes, absmax
+    stored = _new_stored(work, name, form)
+    _encode_into(stored, name, work, 0, _generator(seed, work.device))
+    _store(state, name, stored)
 
 
 # ---- the step ----------------------------------------------------------------------------------
@@ -312,16 +348,73 @@ def _create_state(opt: LongMemOptimizer, group: dict[str, Any], mode: str) -> No
                     state[b + SCALE_SUFFIX] = scale
 
 
-def _chunks(params: list[Tensor]) -> list[list[int]]:
+def _chunks(params: list[Tensor], indices: list[int]) -> list[list[int]]:
     chunks: list[list[int]] = [[]]
     size = 0
-    for i, p in enumerate(params):
+    for i in indices:
         if size >= CHUNK_ELEMENTS:
             chunks.append([])
             size = 0
         chunks[-1].append(i)
-        size += p.numel()
-    return chunks
+        size += params[i].numel()
+    return [chunk for chunk in chunks if chunk]
+
+
+def _in_pieces(p: Tensor, g: Tensor, stored: dict[str, Any], names: list[str], form: str) -> bool:
+    """Whether ``p`` is stepped in pieces of ``CHUNK_ELEMENTS``: a tensor larger than a chunk whose
+    state stays lean, all of it contiguous (flat views)."""
+    return (
+        form != "full"
+        and p.numel() > CHUNK_ELEMENTS
+        and p.is_contiguous()
+        and g.is_contiguous()
+        and all(stored[name].is_contiguous() for name in names)
+    )
+
+
+def _step_in_pieces(
+    opt: LongMemOptimizer,
+    group: dict[str, Any],
+    i: int,
+    tensors: tuple[Tensor, Tensor, Tensor],
+    state: dict[str, Any],
+    names: list[tuple[int, str]],
+    form: str,
+    position: int,
+    paths: tuple[bool, bool],
+) -> None:
+    """One step of the group's parameter ``i`` (``tensors``: it, its gradient, its step counter;
+    its state stored in ``form``, seeded by its ``position``), a flat piece of ``CHUNK_ELEMENTS`` at
+    a time: each piece's state decoded, updated by the unchanged rule and encoded back in place (into
+    new storage on a mode change), so that the float32 work memory is one piece, not the whole
+    tensor. Each buffer's noise comes from one generator in element order, so the result is that of
+    one piece. Every piece's update
+    advances a copy of the step counter and of the scalar state (functions of the step alone)
+    except the last one's, which advances the optimizer's own."""
+    p, g, step = tensors
+    stored = opt.state[p]
+    t = (step + 1).item()  # the step the rule runs at: the counter's float32 increment
+    fresh = {name: _storage_for(stored, name, p, form) for _, name in names}
+    generators = {name: _generator(rounding_seed(t, position, b), p.device) for b, name in names}
+    buffer_names = {name for _, name in names}
+    n = p.numel()
+    for start in range(0, n, CHUNK_ELEMENTS):
+        span = slice(start, start + CHUNK_ELEMENTS)
+        last = start + CHUNK_ELEMENTS >= n
+        work: dict[str, Any] = {}
+        for key, per_param in state.items():
+            if per_param is None:
+                work[key] = None
+            elif key in buffer_names:
+                work[key] = [_decode(stored, key, p, span)]
+            else:
+                work[key] = [per_param[i] if last else per_param[i].clone()]
+        counter = step if last else step.clone()
+        opt._update_group(group, [p.view(-1)[span]], [g.view(-1)[span]], work, [counter], *paths)
+        for _, name in names:
+            _encode_into(fresh[name], name, work[name][0], start, generators[name])
+    for _, name in names:
+        _store(stored, name, fresh[name])
 
 
 def step_group(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
@@ -343,7 +436,19 @@ def step_group(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
         first += len(g["params"])
     position = {id(p): first + i for i, p in enumerate(group["params"])}
     names = [(b, name) for b, name in enumerate(opt._buffers) if state.get(name) is not None]
-    for chunk in _chunks(params):
+    large = [
+        i
+        for i, p in enumerate(params)
+        if _in_pieces(p, grads[i], opt.state[p], [name for _, name in names], form_for(p, mode))
+    ]
+    for i in large:
+        p = params[i]
+        tensors = (p, grads[i], steps[i])
+        _step_in_pieces(
+            opt, group, i, tensors, state, names, form_for(p, mode), position[id(p)], (foreach, fused)
+        )
+    rest = sorted(set(range(len(params))) - set(large))
+    for chunk in _chunks(params, rest):
         ps = [params[i] for i in chunk]
         work: dict[str, Any] = {k: (None if v is None else [v[i] for i in chunk]) for k, v in state.items()}
         for _, name in names:
