@@ -323,11 +323,11 @@ def test_large_tensors_step_in_pieces_change_no_bit(name, path, monkeypatch):
     one piece): the same parameters, codes and scales as one piece, through mode changes (float32
     state encoded, 8-bit codes and bf16 decoded in pieces) and scalar state (SimplifiedAdEMAMix)."""
     calls = []
-    whole_tensor_step = sp._step_in_pieces
+    step_in_pieces = sp._step_in_pieces
 
     def spy(*args, **kwargs):
         calls.append(args[2])
-        return whole_tensor_step(*args, **kwargs)
+        return step_in_pieces(*args, **kwargs)
 
     def run(chunk):
         monkeypatch.setattr(sp, "CHUNK_ELEMENTS", chunk)

@@ -3,11 +3,10 @@
 The state is *stored* compressed and *computed* in float32: each step decodes a chunk of parameters'
 state (or a piece of one large tensor) to float32 work tensors, runs the optimizer's unchanged
 update rule on them (per tensor, foreach or fused, exactly as with ``"fp32"``), and encodes the
-result back. Every encoding rounds
-**stochastically**: rounded up with probability (distance to the lower grid point) / (grid spacing),
-so the stored value is unbiased. Round-to-nearest is not an option: with beta 0.9999 an EMA's
-increment ``(1 - beta) * (g - m)`` is far below one grid step, so it would be rounded away every step
-and the slow EMA would stop moving (SPEC.md).
+result back. Every encoding rounds **stochastically**: rounded up with probability (distance to the
+lower grid point) / (grid spacing), so the stored value is unbiased. Round-to-nearest is not an
+option: with beta 0.9999 an EMA's increment ``(1 - beta) * (g - m)`` is far below one grid step, so
+it would be rounded away every step and the slow EMA would stop moving (SPEC.md).
 
 Modes (``MODES``):
 
@@ -296,8 +295,9 @@ def _storage_for(stored: dict[str, Any], name: str, p: Tensor, form: str) -> dic
 def _encode_into(
     stored: dict[str, Tensor], name: str, work: Tensor, offset: int, generator: torch.Generator
 ) -> None:
-    """Encode float32 ``work`` into the flat range ``offset:`` of ``stored`` (from ``_new_stored``;
-    ``offset`` a multiple of ``BLOCK_SIZE``), drawing its rounding noise from ``generator`` in order."""
+    """Encode float32 ``work`` into the flat range ``offset:`` of ``stored`` (``_new_stored`` or
+    ``_storage_for``; ``offset`` a multiple of ``BLOCK_SIZE``), drawing its rounding noise from
+    ``generator`` in order."""
     codes = stored[name].view(-1)
     for start, piece in _codec_pieces(work.reshape(-1)):
         at = offset + start
@@ -388,9 +388,8 @@ def _step_in_pieces(
     a time: each piece's state decoded, updated by the unchanged rule and encoded back in place (into
     new storage on a mode change), so that the float32 work memory is one piece, not the whole
     tensor. Each buffer's noise comes from one generator in element order, so the result is that of
-    one piece. Every piece's update
-    advances a copy of the step counter and of the scalar state (functions of the step alone)
-    except the last one's, which advances the optimizer's own."""
+    one piece. Every piece's update advances a copy of the step counter and of the scalar state
+    (functions of the step alone) except the last one's, which advances the optimizer's own."""
     p, g, step = tensors
     stored = opt.state[p]
     t = (step + 1).item()  # the step the rule runs at: the counter's float32 increment
