@@ -116,24 +116,9 @@ def peak_section() -> dict[str, Any]:
 # ---- 2. slow EMA -------------------------------------------------------------------------------------
 
 
-def slow_ema(mode: str, steps: int, n: int, beta: float = 0.9999, seed: int = 0) -> tuple[float, float]:
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.Generator()
-    exact = torch.zeros(n)
-    m = torch.zeros(n)
-    stored: Any = sp.quantize(m, True) if mode == "8bit" else m.to(torch.bfloat16)
-    for t in range(1, steps + 1):
-        g = torch.randn(n, generator=gen).add_(0.5)
-        exact.lerp_(g, 1 - beta)
-        if mode == "bf16 round-to-nearest":
-            m = m.lerp(g, 1 - beta).to(torch.bfloat16).float()
-            continue
-        m = sp.dequantize(*stored, True) if mode == "8bit" else stored.float()
-        m.lerp_(g, 1 - beta)
-        noise.manual_seed(t)
-        stored = sp.quantize(m, True, noise) if mode == "8bit" else sp.round_bf16(m, noise)
-    if mode != "bf16 round-to-nearest":
-        m = sp.dequantize(*stored, True) if mode == "8bit" else stored.float()
+def slow_ema(mode: str, steps: int, n: int) -> tuple[float, float]:
+    """Error of the mean and per-element RMS error of ``sp.slow_ema_trace`` against float32."""
+    m, exact = sp.slow_ema_trace("bf16-nearest" if mode == "bf16 round-to-nearest" else mode, steps, n)
     mean_error = m.mean().item() / exact.mean().item() - 1
     rms = ((m - exact).pow(2).mean().sqrt() / exact.abs().mean()).item()
     return mean_error, rms

@@ -159,33 +159,11 @@ def _bf16_spacing(x):
 # ---- the slow EMA -----------------------------------------------------------------------------------
 
 
-def slow_ema(mode: str, steps: int = 20_000, n: int = 2048, beta: float = 0.9999, seed: int = 0):
-    """An EMA with ``beta`` of 0.5 + N(0, 1), kept in ``mode``; returns (final, fp32 final)."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.Generator()
-    exact = torch.zeros(n)
-    m = torch.zeros(n)
-    stored = sp.quantize(m, True) if mode == "8bit" else m.to(torch.bfloat16)
-    for t in range(1, steps + 1):
-        g = torch.randn(n, generator=gen).add_(0.5)
-        exact.lerp_(g, 1 - beta)
-        if mode == "bf16-nearest":
-            m = m.lerp(g, 1 - beta).to(torch.bfloat16).float()
-            continue
-        m = sp.dequantize(*stored, True) if mode == "8bit" else stored.float()
-        m.lerp_(g, 1 - beta)
-        noise.manual_seed(t)
-        stored = sp.quantize(m, True, noise) if mode == "8bit" else sp.round_bf16(m, noise)
-    if mode != "bf16-nearest":
-        m = sp.dequantize(*stored, True) if mode == "8bit" else stored.float()
-    return m, exact
-
-
 def test_slow_ema_tracks_with_stochastic_rounding_and_fails_without():
     """SPEC.md: in bf16 with round-to-nearest 0.9999 * m rounds back to m and the EMA stops moving."""
     errors = {}
     for mode in ["bf16-nearest", "bf16", "8bit"]:
-        m, exact = slow_ema(mode)
+        m, exact = sp.slow_ema_trace(mode, steps=20_000, n=2048)
         errors[mode] = abs(m.mean().item() / exact.mean().item() - 1)
     assert errors["bf16"] < 0.05 and errors["8bit"] < 0.05, errors
     assert errors["bf16-nearest"] > 0.5, errors  # stuck far below the true mean

@@ -190,6 +190,33 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     return y.view(-1)[: flat.numel()].view(codes.shape)
 
 
+def slow_ema_trace(
+    mode: str, steps: int, n: int, beta: float = 0.9999, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """An EMA with ``beta`` of ``0.5 + N(0, 1)`` over ``steps`` steps and ``n`` elements, kept in
+    ``mode`` (``"bf16"``, ``"8bit"``: stochastic rounding; ``"bf16-nearest"``: round-to-nearest), and
+    the same EMA kept exactly in float32: ``(kept, exact)``. The check behind SPEC.md's warning that
+    a slow EMA stalls under round-to-nearest (the tests and benchmarks/state_precision.py use it)."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.Generator()
+    exact = torch.zeros(n)
+    m = torch.zeros(n)
+    stored: Any = quantize(m, True) if mode == "8bit" else m.to(torch.bfloat16)
+    for t in range(1, steps + 1):
+        g = torch.randn(n, generator=gen).add_(0.5)
+        exact.lerp_(g, 1 - beta)
+        if mode == "bf16-nearest":
+            m = m.lerp(g, 1 - beta).to(torch.bfloat16).float()
+            continue
+        m = dequantize(*stored, True) if mode == "8bit" else stored.float()
+        m.lerp_(g, 1 - beta)
+        noise.manual_seed(t)
+        stored = quantize(m, True, noise) if mode == "8bit" else round_bf16(m, noise)
+    if mode != "bf16-nearest":
+        m = dequantize(*stored, True) if mode == "8bit" else stored.float()
+    return m, exact
+
+
 # ---- state forms -----------------------------------------------------------------------------
 
 
@@ -435,10 +462,11 @@ def step_group(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
         first += len(g["params"])
     position = {id(p): first + i for i, p in enumerate(group["params"])}
     names = [(b, name) for b, name in enumerate(opt._buffers) if state.get(name) is not None]
+    buffer_names = [name for _, name in names]
     large = [
         i
         for i, p in enumerate(params)
-        if _in_pieces(p, grads[i], opt.state[p], [name for _, name in names], form_for(p, mode))
+        if _in_pieces(p, grads[i], opt.state[p], buffer_names, form_for(p, mode))
     ]
     for i in large:
         p = params[i]
