@@ -364,6 +364,28 @@ def test_sigmoid_close_to_torch(monkeypatch, specialize):
 
 
 @pytest.mark.parametrize("specialize", [False, True])
+def test_lerp_matches_torch_on_both_sides_of_one_half(monkeypatch, specialize):
+    """The tracer picks lerp's formula from the float32 weight as torch's kernel does per element:
+    bit for bit torch.lerp's result, for weights either side of 0.5, at 0.5, and for a double
+    that only rounds to 0.5 in float32."""
+    monkeypatch.setattr(cpu, "SPECIALIZE", specialize)
+    gen = torch.Generator().manual_seed(0)
+    start, end = torch.randn(4099, generator=gen), torch.randn(4099, generator=gen) * 3
+    for weight in (0.0, 1e-8, 0.1, 0.4999999, 0.5 - 1e-12, 0.5, 0.5000001, 0.9, 0.9999, 1.0, -0.3, 1.7):
+
+        def rule(ops, t, p, g, buf, weight=weight):
+            ops.lerp_(buf, g, weight)
+
+        prog = program.trace(rule, 1.0, ["buf"], [])
+        small = abs(torch.tensor(weight, dtype=torch.float32).item()) < 0.5
+        assert prog.code[0][0] == (program.LERP_LO if small else program.LERP_HI), weight
+        buf = start.clone()
+        cpu.run(prog, cpu.Batch.of([torch.zeros_like(buf)], [end], [[buf]]), False)
+        want = torch.lerp(start, end, weight)
+        assert torch.equal(buf, want), (weight, (buf - want).abs().max().item())
+
+
+@pytest.mark.parametrize("specialize", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_round_trip_and_rounding(monkeypatch, specialize, dtype):
     """Parameters are widened exactly and narrowed to nearest even, as torch's .to()."""
@@ -485,27 +507,14 @@ print("ok")
 
 def test_triton_source_compiles_for_every_case():
     """The generated Triton kernels are valid Python for every optimizer and option (no Triton needed)."""
+    from longmem.kernels import cuda, vectorization
+
     for name, options in CASES:
         a, opt_a, _, _ = _pair(name, options, [(3,)])
-        group = opt_a.param_groups[0]
-        programs = []
-
-        def capture(rule, params, grads, buffers, steps, *, maximize, programs=programs):
-            names = [n for n, t in buffers.items() if t is not None]
-            absent = [n for n, t in buffers.items() if t is None]
-            programs.append(program.trace(rule, steps[0], names, absent))
-            return list(range(len(params)))  # and let the foreach path do the step
-
         a[0].grad = torch.ones(3)
-        original = kernels.run_fused
-        kernels.run_fused = capture
-        try:
+        with vectorization.recorded_programs() as programs:
             opt_a.step()
-        finally:
-            kernels.run_fused = original
-        assert group["fused"] and len(programs) == 1
-        from longmem.kernels import cuda
-
+        assert opt_a.param_groups[0]["fused"] and len(programs) == 1
         compile(cuda.kernel_source(programs[0]), f"<{name}>", "exec")
 
 

@@ -23,6 +23,7 @@ OpenMP runtime is loaded into the process.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import hashlib
 import operator
@@ -139,6 +140,9 @@ class Builder:
         """The library compiled from ``source``: from the cache, or compiled now."""
         target = self.path_for(stem, source)
         if target.exists():
+            if self.arch is None:  # which -march this cache was built with, for reports
+                with contextlib.suppress(OSError):
+                    self.arch = tuple(target.with_suffix(".arch").read_text().split())
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         errors = []
@@ -154,6 +158,7 @@ class Builder:
                     raise BuildError(f"could not run the C compiler {self.compiler!r}: {err}") from err
                 if result.returncode == 0:
                     self.arch = arch
+                    target.with_suffix(".arch").write_text(" ".join(arch))
                     os.replace(out, target)  # atomic: others see no file or the whole file
                     return target
                 errors.append(f"$ {' '.join(cmd)}\n{result.stderr.strip()[-2000:]}")
@@ -257,7 +262,7 @@ def specialized_source(program: Program) -> str:
         for k in range(n_mem):
             lines.append(f"    lm_prefetch(P{k}, {size if k < 2 else 4}, i0 + LM_AHEAD, i1 + LM_AHEAD, hi);")
         lines.append("#endif")
-        lines.append("    for (int64_t i = i0; i < i1; i++) {")
+        lines.append("    for (int64_t i = i0; i < i1; i++) { /* LM_BODY_LOOP */")
         lines.append(f"        float v0 = {_LOAD[dt].format(ptr='P0')};")
         # maximize: the gradient's sign bit flipped as it is loaded (exactly torch.neg)
         lines.append(f"        float v1 = lm_from_bits(lm_bits({_LOAD[dt].format(ptr='P1')}) ^ gsign);")

@@ -53,10 +53,9 @@ _EXPR = {
     "min": "tl.where({a} != {a}, {a}, tl.where({b} != {b}, {b}, tl.minimum({a}, {b})))",
     "copy": "{a}",
     "neg": "-{a}",
-    # torch's lerp: a + s * (b - a) for |s| < 0.5, else b - (b - a) * (1 - s), one fused multiply-add
-    "lerp": "tl.where(tl.abs({s} + tl.zeros_like({a})) < 0.5, "
-    "tl.fma({s} + tl.zeros_like({a}), {b} - {a}, {a}), "
-    "tl.fma({s} - 1.0 + tl.zeros_like({a}), {b} - {a}, {b}))",
+    # torch's lerp (one fused multiply-add), the formula chosen by the tracer from |s| < 0.5
+    "lerp_lo": "tl.fma({s} + tl.zeros_like({a}), {b} - {a}, {a})",
+    "lerp_hi": "tl.fma({s} - 1.0 + tl.zeros_like({a}), {b} - {a}, {b})",
 }
 
 _TRITON_DTYPES: dict[torch.dtype, Callable[[Any], Any]] = {

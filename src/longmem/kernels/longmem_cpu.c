@@ -27,7 +27,7 @@ static void run_instr(int op, float *d, const float *a, const float *b, const fl
     switch (op) {
 #define LM_CASE(code, name) \
     case code: for (i = 0; i < n; i++) d[i] = lm_##name(a[i], b[i], c[i], s); break;
-    LM_OPS(LM_CASE)
+    LM_OPS(LM_CASE) /* LM_BODY_LOOP: one loop per operation */
 #undef LM_CASE
     default: break;
     }
@@ -37,16 +37,16 @@ static void load_f32(float *restrict dst, const void *src, int dtype, int64_t of
     int64_t i;
     if (dtype == LM_BF16) {
         const uint16_t *s = (const uint16_t *)src + off;
-        for (i = 0; i < n; i++) dst[i] = lm_bf16_to_f32(s[i]);
+        for (i = 0; i < n; i++) dst[i] = lm_bf16_to_f32(s[i]); /* LM_BODY_LOOP */
     } else if (dtype == LM_F16) {
         const uint16_t *s = (const uint16_t *)src + off;
-        for (i = 0; i < n; i++) dst[i] = lm_f16_to_f32(s[i]);
+        for (i = 0; i < n; i++) dst[i] = lm_f16_to_f32(s[i]); /* LM_BODY_LOOP */
     } else {
         const float *s = (const float *)src + off;
-        for (i = 0; i < n; i++) dst[i] = s[i];
+        for (i = 0; i < n; i++) dst[i] = s[i]; /* a memcpy */
     }
     if (negate)
-        for (i = 0; i < n; i++) dst[i] = -dst[i];
+        for (i = 0; i < n; i++) dst[i] = -dst[i]; /* LM_BODY_LOOP */
 }
 
 /* Prefetch the bytes [off, off + len) of one stream into the cache, a line at a time. */
@@ -59,10 +59,10 @@ static void store_f32(void *dst, int dtype, int64_t off, const float *restrict s
     int64_t i;
     if (dtype == LM_BF16) {
         uint16_t *d = (uint16_t *)dst + off;
-        for (i = 0; i < n; i++) d[i] = lm_f32_to_bf16(src[i]);
+        for (i = 0; i < n; i++) d[i] = lm_f32_to_bf16(src[i]); /* LM_BODY_LOOP */
     } else if (dtype == LM_F16) {
         uint16_t *d = (uint16_t *)dst + off;
-        for (i = 0; i < n; i++) d[i] = lm_f32_to_f16(src[i]);
+        for (i = 0; i < n; i++) d[i] = lm_f32_to_f16(src[i]); /* LM_BODY_LOOP */
     }
 }
 

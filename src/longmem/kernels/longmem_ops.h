@@ -50,8 +50,11 @@ static inline uint32_t lm_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return 
 /* (cond ? a : b) on bits, without a branch, so that if-conversion never blocks vectorization */
 static inline uint32_t lm_select(int cond, uint32_t a, uint32_t b) {
     uint32_t m = (uint32_t)0 - (uint32_t)(cond != 0);
-    return (a & m) | (b & ~m);
+    return b ^ ((a ^ b) & m);
 }
+/* (cond ? a : b) on floats, the same way: gcc leaves chains of float ternaries as branches on
+ * AVX2 and SSE targets ("control flow in loop"), where a bitwise select vectorizes everywhere */
+static inline float lm_pick(int cond, float a, float b) { return lm_from_bits(lm_select(cond, lm_bits(a), lm_bits(b))); }
 
 /* bf16 <-> f32. Widening is exact; narrowing rounds to nearest even, NaN -> quiet NaN, as c10. */
 static inline float lm_bf16_to_f32(uint16_t h) { return lm_from_bits((uint32_t)h << 16); }
@@ -90,8 +93,8 @@ static inline uint16_t lm_f32_to_f16(float f) {
  * without branches or libm calls so that loops calling it vectorize (libm's expf does not without
  * -ffast-math, which would also loosen every other operation). */
 static inline float lm_exp(float x) {
-    float xc = x > 88.72283f ? 88.72283f : x; /* the comparisons keep NaN */
-    xc = xc < -103.9721f ? -103.9721f : xc;
+    float xc = lm_pick(x > 88.72283f, 88.72283f, x); /* NaN: handled at the end */
+    xc = lm_pick(xc < -103.9721f, -103.9721f, xc);
     float k = rintf(xc * 1.44269504088896341f);
     float r = LM_FMA(k, -0.693359375f, xc);
     r = LM_FMA(k, 2.12194440e-4f, r);
@@ -108,9 +111,9 @@ static inline float lm_exp(float x) {
     int32_t k1 = ki >> 1;
     int32_t k2 = ki - k1;
     float y = (p * lm_from_bits((uint32_t)(k1 + 127) << 23)) * lm_from_bits((uint32_t)(k2 + 127) << 23);
-    y = x > 88.72283f ? INFINITY : y;
-    y = x < -103.9721f ? 0.0f : y;
-    return x != x ? x : y;
+    y = lm_pick(x > 88.72283f, INFINITY, y);
+    y = lm_pick(x < -103.9721f, 0.0f, y);
+    return lm_pick(x != x, x, y);
 }
 
 /* ---- the operations (codes as in program.py): d = op(a, b, c, s) ------------------------------ */
@@ -138,22 +141,21 @@ static inline float lm_sigmoid(float a, float b, float c, float s) {
 /* torch.minimum: NaN if either is NaN */
 static inline float lm_min(float a, float b, float c, float s) {
     (void)c; (void)s;
-    float m = b < a ? b : a;
-    m = b != b ? b : m;
-    return a != a ? a : m;
+    float m = lm_pick(b < a, b, a);
+    m = lm_pick(b != b, b, m);
+    return lm_pick(a != a, a, m);
 }
 static inline float lm_copy(float a, float b, float c, float s) { (void)b; (void)c; (void)s; return a; }
 static inline float lm_neg(float a, float b, float c, float s) { (void)b; (void)c; (void)s; return -a; }
-/* torch.lerp(a, b, weight=s): a + s * (b - a) for |s| < 0.5, else b - (b - a) * (1 - s), as torch's
- * vectorized kernel computes it (one fused multiply-add) */
-static inline float lm_lerp(float a, float b, float c, float s) {
-    (void)c;
-    float small = __builtin_fabsf(s) < 0.5f ? 1.0f : 0.0f;
-    return small != 0.0f ? LM_FMA(s, b - a, a) : LM_FMA(s - 1.0f, b - a, b);
-}
+/* torch.lerp(a, b, weight=s), as torch's vectorized kernel computes it (one fused multiply-add):
+ * a + s * (b - a) where |s| < 0.5 (lerp_lo), else b - (b - a) * (1 - s) (lerp_hi). Which of the two
+ * applies depends on the scalar alone, so the tracer (program.py) picks it: no branch per element. */
+static inline float lm_lerp_lo(float a, float b, float c, float s) { (void)c; return LM_FMA(s, b - a, a); }
+static inline float lm_lerp_hi(float a, float b, float c, float s) { (void)c; return LM_FMA(s - 1.0f, b - a, b); }
 
 #define LM_OPS(X) \
     X(0, mul_s) X(1, mul) X(2, add_s) X(3, axpy) X(4, sub) X(5, addcmul) X(6, addcdiv) X(7, div_s) \
-    X(8, div) X(9, sqrt) X(10, recip) X(11, abs) X(12, sigmoid) X(13, min) X(14, copy) X(15, neg) X(16, lerp)
+    X(8, div) X(9, sqrt) X(10, recip) X(11, abs) X(12, sigmoid) X(13, min) X(14, copy) X(15, neg) X(16, lerp_lo) \
+    X(17, lerp_hi)
 
 #endif

@@ -9,6 +9,7 @@ step, while performing the same float32 operations in the same order as the fore
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,14 +17,19 @@ from typing import Any
 # Instruction codes, shared with longmem_ops.h (LM_OPS) and the Triton code generator (cuda.py).
 OP_NAMES = (
     "mul_s", "mul", "add_s", "axpy", "sub", "addcmul", "addcdiv", "div_s",
-    "div", "sqrt", "recip", "abs", "sigmoid", "min", "copy", "neg", "lerp",
+    "div", "sqrt", "recip", "abs", "sigmoid", "min", "copy", "neg", "lerp_lo", "lerp_hi",
 )  # fmt: skip
 (MUL_S, MUL, ADD_S, AXPY, SUB, ADDCMUL, ADDCDIV, DIV_S,
- DIV, SQRT, RECIP, ABS, SIGMOID, MIN, COPY, NEG, LERP) = range(len(OP_NAMES))  # fmt: skip
+ DIV, SQRT, RECIP, ABS, SIGMOID, MIN, COPY, NEG, LERP_LO, LERP_HI) = range(len(OP_NAMES))  # fmt: skip
 
 #: slots: 0 the parameter (working precision), 1 the gradient, 2... the state buffers, then temporaries
 PARAM, GRAD = 0, 1
 MAX_SLOTS = 16  # as in longmem_cpu.c
+
+
+def _as_float32(x: float) -> float:
+    """``x`` rounded to float32, as the kernels round each scalar."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 class TraceError(RuntimeError):
@@ -174,7 +180,11 @@ class Tracer:
         self._emit(COPY, x, y)
 
     def lerp_(self, x: Value, y: Value, weight: float) -> None:
-        self._emit(LERP, x, x, y, s=weight)
+        # torch's lerp takes one of two formulas by |weight| < 0.5 (see longmem_ops.h). The weight
+        # is one scalar for the whole step, so the choice is made here, once, on the float32 value
+        # the kernels will use: a per-element branch on it keeps compilers from vectorizing.
+        small = abs(_as_float32(weight)) < 0.5
+        self._emit(LERP_LO if small else LERP_HI, x, x, y, s=weight)
 
     def clone(self, x: Value) -> Value:
         out = self._new()
