@@ -214,6 +214,19 @@ def load() -> Library:
         return _library
 
 
+def build_description() -> dict[str, str]:
+    """The compiler, its version and the flags the kernels are built with here (builds if needed)."""
+    load()
+    assert _builder is not None
+    arch = _builder.arch if _builder.arch is not None else ARCH_FLAGS[0]
+    try:
+        out = subprocess.run([_builder.compiler, "--version"], capture_output=True, text=True, timeout=30)
+        version = out.stdout.splitlines()[0] if out.stdout else "?"
+    except (OSError, subprocess.SubprocessError):
+        version = "?"
+    return {"compiler": _builder.compiler, "version": version, "flags": " ".join([*BASE_FLAGS, *arch])}
+
+
 def reset() -> None:
     """Forget loaded kernels and any failure (for tests); the disk cache is kept."""
     global _builder, _library, _failure
