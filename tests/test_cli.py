@@ -195,6 +195,7 @@ def test_forgetting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert entry["control_left"][0] == pytest.approx(ctrl[12])
         assert row_for(report, entry["label"])[5] == f"{ctrl[12]:.3f}"
     assert data["summary"]["verdict"] in report
+    assert "One seed only" in data["summary"]["verdict"]
 
 
 def _forgetting_entry(jump: list[float], left: list[float], control: list[float]) -> dict[str, Any]:

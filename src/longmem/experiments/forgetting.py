@@ -318,6 +318,8 @@ class ForgettingExperiment(Experiment):
             text += ": AdEMAMix forgets more slowly, as the paper reports."
         else:
             text += ": AdEMAMix does not forget more slowly here, unlike the paper's finding."
+        if not several:
+            text += " One seed only: no estimate of the spread over seeds (use --seeds 3)."
         # the floor: what the changed batch did to text neither run trained on
         floor = max(abs(mean_std(x["control_left"])[0]) for x in (a, e))
         if math.isfinite(floor):
