@@ -177,3 +177,18 @@ def test_gap_verdict_reads_the_trend_against_the_spread() -> None:
     text = gap_verdict("X", [400, 1500], [[0.1, math.nan], [-0.1, -0.1]])
     assert "(1 of 2 diverged)" in text and "in AdEMAMix's favour" in text
     assert gap_verdict("X", [400], [[0.1, 0.12]]).endswith("(behind).")
+
+
+def test_reach_cells_keep_diverged_seeds_apart() -> None:
+    from longmem.experiments.horizon import _fraction_text, _match_text
+
+    assert _fraction_text([100.0, 300.0], [True, True], 400, "ahead") == "0.50 ± 0.35"
+    assert _fraction_text([None, None], [True, True], 400, "ahead") == "never (ahead)"
+    # a seed whose AdEMAMix run diverged has no final loss to reach: not 'never (ahead)'
+    assert _fraction_text([None, None], [True, False], 400, "ahead") == (
+        "1 of 2 seeds never; 1 of 2 seeds diverged"
+    )
+    assert _match_text([None, 600.0], [1.0, math.nan], 400, [400, 1500]) == (
+        "> 1500 steps (1 of 2 seeds); diverged (1 of 2 seeds)"
+    )
+    assert _match_text([800.0, 400.0], [1.0, 1.1], 400, [400, 1500]) == "2.00; <= 400 steps (1 of 2 seeds)"

@@ -320,11 +320,12 @@ class HorizonExperiment(Experiment):
                         steps_to_reach_adamw_final=mine_reach,
                         adamw_run_length_matching_this_final=match,
                     )
+                    both = [math.isfinite(g) for g in gaps]  # neither run of the seed diverged
                     cells = [
                         fmt_mean_std(gaps),
                         f"{row_entry['seeds_ahead']} of {len(seeds)}",
-                        _fraction_text(adamw_reach, n, "AdEMAMix ahead"),
-                        _fraction_text(mine_reach, n, "AdEMAMix behind"),
+                        _fraction_text(adamw_reach, both, n, "AdEMAMix ahead"),
+                        _fraction_text(mine_reach, both, n, "AdEMAMix behind"),
                         _match_text(match, finals, n, lengths),
                     ]
                 entry["by_length"][str(n)] = row_entry
@@ -481,15 +482,22 @@ def _lowest(summary: dict[str, Any], vs: list[Variant], n: int) -> tuple[str, fl
     return label, finite[label]
 
 
-def _fraction_text(values: list[float | None], steps: int, never_means: str) -> str:
-    """``'0.62 ± 0.03'`` of the run over seeds, or ``'never'`` (with how many seeds)."""
-    reached = [v / steps for v in values if v is not None]
-    if not reached:
-        return f"never ({never_means})"
-    text = fmt_mean_std(reached, 2)
-    if len(reached) < len(values):
-        text += f"; {len(values) - len(reached)} of {len(values)} seeds never"
-    return text
+def _fraction_text(values: list[float | None], ok: list[bool], steps: int, never_means: str) -> str:
+    """``'0.62 ± 0.03'`` of the run over the seeds whose two runs finished (``ok``), or ``'never'``;
+    seeds with a diverged run are counted apart."""
+    kept = [v for v, good in zip(values, ok, strict=True) if good]
+    reached = [v / steps for v in kept if v is not None]
+    parts = [fmt_mean_std(reached, 2)] if reached else []
+    if len(reached) < len(kept):
+        never = len(kept) - len(reached)
+        parts.append(
+            f"never ({never_means})"
+            if not reached and never == len(values)
+            else f"{never} of {len(values)} seeds never"
+        )
+    if len(kept) < len(values):
+        parts.append(f"{len(values) - len(kept)} of {len(values)} seeds diverged")
+    return "; ".join(parts)
 
 
 def _match_text(values: list[float | None], finals: list[float], steps: int, lengths: list[int]) -> str:
