@@ -593,7 +593,17 @@ def test_entry_points(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "longmem", "list"], capture_output=True, text=True, env=env, check=False
     )
-    for name in ("demo", "lm", "forgetting", "lr-sensitivity", "no-warmup", "vision", "schedulers", "toy"):
+    for name in (
+        "demo",
+        "lm",
+        "horizon",
+        "forgetting",
+        "lr-sensitivity",
+        "no-warmup",
+        "vision",
+        "schedulers",
+        "toy",
+    ):
         assert name in done.stdout
     # training restarts the interpreter once with OMP_WAIT_POLICY=PASSIVE (see longmem.cli.entry)
     out = tmp_path / "toy"
