@@ -168,24 +168,72 @@ def test_forgetting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         ["run", "forgetting", "--size", "tiny", "--steps", "12", "--out", str(out), "--seeds", "1"], capsys
     )
     assert code == 0, text
-    report, data = check_report(out, "forgetting", 2)
+    report, data = check_report(out, "forgetting", 4)  # AdamW and AdEMAMix, each with and without B
     t_b = data["summary"]["inject_step"]
+    assert t_b == 4  # round(0.3 * 12)
     for group, entry in data["summary"]["optimizers"].items():
-        probe = data["runs"][f"{group}-s0"]["probe"]
-        assert {t_b, t_b + 1, 12} <= set(probe["step"])
-        diffs = [c - b for b, c in zip(probe["loss_B"], probe["loss_control"], strict=True)]
-        gap = dict(zip(probe["step"], diffs, strict=True))
-        # the baseline: the mean of the last 5 probes up to t_B (= 4: steps 0-4); the gain: the largest
-        # excess over it within a tenth of the 8 remaining steps, here the first step after t_B
-        assert t_b == 4
-        before = sum(gap[s] for s in range(5)) / 5
-        jump = gap[t_b + 1] - before
-        assert entry["jump"][0] == pytest.approx(jump)
-        assert gap[t_b + 1] > gap[t_b]  # training on B once lowers B's loss more than the controls'
-        assert row_for(report, entry["label"])[1] == f"{jump:.3f}"
-        left = gap[12] - before  # the mean over the last tenth of the 8 steps after t_B: the last one
-        assert entry["left"][0] == pytest.approx(left)
-        assert entry["retained"][0] == (pytest.approx(left / jump) if jump > 0 else None)  # JSON: NaN -> null
+        injected = data["runs"][f"{group}-s0"]["probe"]
+        plain = data["runs"][f"{group}-plain-s0"]["probe"]
+        assert injected["step"] == plain["step"] and {t_b, t_b + 1, 12} <= set(injected["step"])
+        adv = {
+            s: p - b for s, b, p in zip(injected["step"], injected["loss_B"], plain["loss_B"], strict=True)
+        }
+        ctrl = {
+            s: p - c
+            for s, c, p in zip(injected["step"], injected["loss_control"], plain["loss_control"], strict=True)
+        }
+        # the same seed: the two runs are one run, bit for bit, until B replaces the batch of step t_B
+        assert all(adv[s] == 0.0 and ctrl[s] == 0.0 for s in adv if s <= t_b)
+        assert entry["before"] == [0.0]
+        assert adv[t_b + 1] > 0  # training on B once lowers B's loss below the run that did not
+        # the gain: the largest advantage within a tenth of the 8 steps after t_B, here the first step
+        assert entry["jump"][0] == pytest.approx(adv[t_b + 1])
+        assert row_for(report, entry["label"])[1] == f"{adv[t_b + 1]:.3f}"
+        # what is left: the mean over the last tenth of those 8 steps, here the last one
+        assert entry["left"][0] == pytest.approx(adv[12])
+        assert entry["retained"][0] == pytest.approx(adv[12] / adv[t_b + 1])
+        assert entry["control_left"][0] == pytest.approx(ctrl[12])
+        assert row_for(report, entry["label"])[5] == f"{ctrl[12]:.3f}"
+    assert data["summary"]["verdict"] in report
+    assert "One seed only" in data["summary"]["verdict"]
+
+
+def _forgetting_entry(jump: list[float], left: list[float], control: list[float]) -> dict[str, Any]:
+    return {
+        "jump": jump,
+        "left": left,
+        "retained": [x / j for x, j in zip(left, jump, strict=True)],
+        "half_life": [40] * len(jump),
+        "control_left": control,
+    }
+
+
+def test_forgetting_verdict_weighs_the_difference_against_the_spread_and_the_floor() -> None:
+    from longmem.experiments.forgetting import ForgettingExperiment
+
+    verdict = ForgettingExperiment._verdict
+    floor = [0.001, -0.001, 0.0]
+    slow = {  # AdEMAMix keeps 60% on every seed, AdamW 20%: beyond the spread, above the controls' floor
+        "adamw": _forgetting_entry([0.1, 0.1, 0.1], [0.02, 0.021, 0.019], floor),
+        "ademamix": _forgetting_entry([0.1, 0.1, 0.1], [0.06, 0.061, 0.059], floor),
+    }
+    text = verdict(slow)
+    assert "AdEMAMix keeps 60%" in text and "AdamW 20%" in text
+    assert "AdEMAMix forgets more slowly" in text and "below what both kept" in text
+    level = {  # the same means, seeds spread wider than the difference
+        "adamw": _forgetting_entry([0.1, 0.1, 0.1], [0.0, 0.04, 0.02], floor),
+        "ademamix": _forgetting_entry([0.1, 0.1, 0.1], [0.03, 0.01, 0.02], floor),
+    }
+    assert "no clear difference" in verdict(level)
+    faster = {
+        "adamw": _forgetting_entry([0.1, 0.1], [0.05, 0.051], floor[:2]),
+        "ademamix": _forgetting_entry([0.1, 0.1], [0.01, 0.011], [0.02, 0.02]),
+    }
+    text = verdict(faster)
+    assert "does not forget more slowly" in text
+    # AdEMAMix keeps 0.0105 nats, less than the 0.02 the controls moved: not told apart from the noise
+    assert "what AdEMAMix kept of B is no more than that" in text
+    assert "Run with AdamW and AdEMAMix" in verdict({"adamw": slow["adamw"]})
 
 
 def test_lr_sensitivity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -545,7 +593,17 @@ def test_entry_points(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "longmem", "list"], capture_output=True, text=True, env=env, check=False
     )
-    for name in ("demo", "lm", "forgetting", "lr-sensitivity", "no-warmup", "vision", "schedulers", "toy"):
+    for name in (
+        "demo",
+        "lm",
+        "horizon",
+        "forgetting",
+        "lr-sensitivity",
+        "no-warmup",
+        "vision",
+        "schedulers",
+        "toy",
+    ):
         assert name in done.stdout
     # training restarts the interpreter once with OMP_WAIT_POLICY=PASSIVE (see longmem.cli.entry)
     out = tmp_path / "toy"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._runner import Experiment
 from .forgetting import ForgettingExperiment
+from .horizon import HorizonExperiment
 from .lm import DemoExperiment, LMExperiment
 from .lr_sensitivity import LRSensitivityExperiment
 from .no_warmup import NoWarmupExperiment
@@ -26,6 +27,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
     for e in [
         LMExperiment(),
+        HorizonExperiment(),
         ForgettingExperiment(),
         LRSensitivityExperiment(),
         NoWarmupExperiment(),

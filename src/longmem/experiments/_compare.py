@@ -33,6 +33,7 @@ __all__ = [
     "group_color",
     "largest_rise",
     "loss_figure",
+    "plot_differences",
     "reach_text",
 ]
 
@@ -271,22 +272,19 @@ def loss_figure(
     )
 
 
-def difference_figure(
+def plot_differences(
+    ax: Any,
     groups: dict[str, list[dict[str, Any]]],
-    out: Path,
-    filename: str,
     *,
     reference: str,
     eval_key: str = "loss",
-    eval_label: str = "held-out loss",
-) -> Figure | None:
-    """Held-out ``eval_key`` minus the reference's at each evaluation (same seed), mean over seeds."""
-    if reference not in groups:
-        return None
-    plt = pyplot()
+    labels: dict[str, str] | None = None,
+) -> None:
+    """On ``ax``: held-out ``eval_key`` minus the reference group's at each evaluation (same seed), mean
+    over seeds with the min-max band; ``labels``: legend labels by group (default: the runs' own)."""
+    labels = labels or {}
     ref = {r["spec"]["seed"]: r for r in groups[reference]}
-    ref_label = groups[reference][0]["spec"]["label"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ref_label = labels.get(reference, groups[reference][0]["spec"]["label"])
     ax.axhline(0.0, color=group_color(groups[reference][0]), linewidth=1, label=f"{ref_label} (reference)")
     for group, recs in groups.items():
         if group == reference:
@@ -303,7 +301,8 @@ def difference_figure(
             continue
         mean = [mean_std(col)[0] for col in zip(*diffs, strict=True)]
         color = group_color(recs[0])
-        ax.plot(steps, mean, marker="o", markersize=3, color=color, label=recs[0]["spec"]["label"])
+        label = labels.get(group, recs[0]["spec"]["label"])
+        ax.plot(steps, mean, marker="o", markersize=3, color=color, label=label)
         if len(diffs) > 1:
             ax.fill_between(
                 steps,
@@ -312,6 +311,24 @@ def difference_figure(
                 color=color,
                 alpha=0.15,
             )
+
+
+def difference_figure(
+    groups: dict[str, list[dict[str, Any]]],
+    out: Path,
+    filename: str,
+    *,
+    reference: str,
+    eval_key: str = "loss",
+    eval_label: str = "held-out loss",
+) -> Figure | None:
+    """Held-out ``eval_key`` minus the reference's at each evaluation (same seed), mean over seeds."""
+    if reference not in groups:
+        return None
+    plt = pyplot()
+    ref_label = groups[reference][0]["spec"]["label"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plot_differences(ax, groups, reference=reference, eval_key=eval_key)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{eval_label} minus {ref_label}'s")
     better = "above" if eval_key == "accuracy" else "below"
