@@ -210,6 +210,15 @@ def _is_dtensor(t: Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def _any_dtensor(tensors: Sequence[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor: one dictionary look-up when none can be."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return False
+    dtensor = module.DTensor
+    return any(isinstance(t, dtensor) for t in tensors)
+
+
 def _local_shards(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The local shards of a DTensor parameter, its gradient and its state (FSDP2, tensor parallel).
 
@@ -298,7 +307,7 @@ def run_rule(
     """
     if not params:
         return
-    if any(_is_dtensor(p) for p in params):
+    if _any_dtensor(params):
         params, grads, buffers = _to_local(params, grads, buffers)
     indices: Sequence[int] = range(len(params))
     if fused:

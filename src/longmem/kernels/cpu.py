@@ -26,6 +26,7 @@ import array
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import operator
 import os
 import platform
@@ -464,6 +465,17 @@ def _fits(ps: list[Tensor], gs: list[Tensor], bufs: list[list[Tensor]], pcs: lis
     return ok
 
 
+def _by_step(steps: Sequence[float], indices: Sequence[int]) -> list[tuple[float, Sequence[int] | None]]:
+    """``indices`` grouped by their step, in order of first appearance; ``None`` stands for every
+    index when all tensors are at one step."""
+    if len(indices) == len(steps) and len(set(steps)) == 1:
+        return [(steps[0], None)]
+    by_step: dict[float, list[int]] = {}
+    for i in indices:
+        by_step.setdefault(steps[i], []).append(i)
+    return list(by_step.items())
+
+
 def run_step(
     trace: Callable[[float], Program],
     params: Sequence[Tensor],
@@ -475,14 +487,15 @@ def run_step(
 ) -> list[int]:
     """Run ``trace(t)``'s program on the CPU tensors at ``indices`` (one kernel call per distinct
     step ``t``); returns the indices it cannot take (dtype, layout): the caller runs those."""
-    by_step: dict[float, list[int]] = {}
-    for i in indices:
-        by_step.setdefault(steps[i], []).append(i)
     rejected: list[int] = []
-    for t, members in by_step.items():
-        ps = [params[i] for i in members]
-        gs = [grads[i] for i in members]
-        bufs = [[s[i] for i in members] for s in state]
+    for t, members in _by_step(steps, indices):
+        if members is None:  # every tensor, at one step: the common case, without re-indexing
+            members = range(len(params))
+            ps, gs, bufs = list(params), list(grads), [list(s) for s in state]
+        else:
+            ps = [params[i] for i in members]
+            gs = [grads[i] for i in members]
+            bufs = [[s[i] for i in members] for s in state]
         pcs = list(map(DTYPE_CODES.get, map(_dtype, ps)))
         gcs = list(map(DTYPE_CODES.get, map(_dtype, gs)))
         numels = list(map(Tensor.numel, ps))
@@ -496,7 +509,7 @@ def run_step(
                 continue
         batch = Batch(len(state))
         batch.params = ps
-        batch.rows = [[x.data_ptr() for x in row] for row in (ps, gs, *bufs)]
+        batch.rows = [list(map(Tensor.data_ptr, row)) for row in (ps, gs, *bufs)]
         batch.numel = [n * pc[1] for n, pc in zip(numels, pcs, strict=True)]  # type: ignore[index]
         batch.p_dtype = [pc[0] for pc in pcs]  # type: ignore[index]
         batch.g_dtype = [gc[0] for gc in gcs]  # type: ignore[index]
@@ -511,9 +524,7 @@ def run(program: Program, batch: Batch, maximize: bool) -> None:
     if n == 0:
         return
     scalars = array.array("d", program.scalars)
-    ptrs = array.array("q")
-    for row in batch.rows:
-        ptrs.extend(row)
+    ptrs = array.array("q", itertools.chain.from_iterable(batch.rows))
     numel = array.array("q", batch.numel)
     p_dtype = array.array("b", batch.p_dtype)
     g_dtype = array.array("b", batch.g_dtype)
