@@ -6,7 +6,7 @@ diffGrad (arXiv:1909.11015) and DiffMod, each a drop-in ``torch.optim.Optimizer`
 
 from ._nonfinite import NonFiniteGradientError
 from .adamod import AdaMod
-from .ademamix import AdEMAMix
+from .ademamix import AdEMAMix, AdEMAMixWarmupWarning
 from .diffgrad import DiffGrad
 from .diffmod import DiffMod
 from .registry import create_optimizer, get_optimizer_class, list_optimizers, param_groups
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdEMAMix",
+    "AdEMAMixWarmupWarning",
     "AdaMod",
     "DiffGrad",
     "DiffMod",
