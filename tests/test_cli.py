@@ -6,6 +6,7 @@ The full-size runs are marked ``slow`` and stay out of the default suite (``pyte
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from longmem.cli import main
+from longmem.experiments import _runner
 from longmem.experiments._data import (
     FASHION_MNIST_DIRS,
     FASHION_MNIST_FILES,
@@ -533,6 +536,114 @@ def test_bad_options_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 2 and "unknown optimizer 'nadam'" in text
     code, text = run(["run", "lr-sensitivity", "--lr-factors", "a,b", "--out", str(tmp_path)], capsys)
     assert code == 2 and "--lr-factors" in text
+
+
+# ---- what a command needs, checked before it trains --------------------------------------------
+def _no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def train_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a run was trained")
+
+    monkeypatch.setattr(_runner, "train_run", train_run)
+
+
+def test_missing_matplotlib_is_reported_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "report"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+        _no_training(m)
+        code, text = run(["demo", "--size", "tiny", "--steps", "4", "--out", str(out)], capsys)
+    assert code == 2, text
+    assert (
+        text.startswith("longmem: the reports draw their plots with matplotlib") and "Traceback" not in text
+    )
+    assert "pip install 'longmem[experiments]'" in text and "Nothing was trained" in text
+    assert not out.exists()
+    # an interrupted run's checkpoint is kept, and the message says how to continue it
+    monkeypatch.setenv(INTERRUPT_AFTER_ENV, "3")
+    args = ["run", "toy", "--steps", "10", "--seeds", "1", "--optimizers", "adam", "--out", str(out)]
+    assert run(args, capsys)[0] == 130
+    monkeypatch.delenv(INTERRUPT_AFTER_ENV)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)
+        code, text = run(args, capsys)
+    assert code == 2 and f"The checkpoint in {out / 'checkpoint'} is kept" in text and "--resume" in text
+    assert (out / "checkpoint" / "adam-s0.pt").is_file()
+    code, text = run([*args, "--resume"], capsys)
+    assert code == 0, text
+
+
+def test_a_report_that_cannot_be_drawn_keeps_the_runs_for_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [
+        "demo",
+        "--size",
+        "tiny",
+        "--steps",
+        "6",
+        "--optimizers",
+        "adamw,ademamix",
+        "--out",
+        str(tmp_path),
+    ]
+    with monkeypatch.context() as m:
+        m.setattr(_runner, "pyplot", lambda: None)  # the check passes, then matplotlib is gone
+        m.setitem(sys.modules, "matplotlib", None)
+        code, text = run(args, capsys)
+    assert code == 2 and "Traceback" not in text
+    resume = command_of([*args, "--quiet", "--threads", "2", "--resume"])  # run() adds the middle two
+    assert f"The 2 finished runs are checkpointed in {tmp_path / 'checkpoint'}" in text and resume in text
+    assert {f.name for f in (tmp_path / "checkpoint").glob("*.pt")} == {"adamw-s0.pt", "ademamix-s0.pt"}
+    _no_training(monkeypatch)  # --resume trains neither again: it writes the report from their records
+    code, text = run([*args, "--resume"], capsys)
+    assert code == 0, text
+    check_report(tmp_path, "demo", 2)
+
+
+def command_of(args: list[str]) -> str:
+    return " ".join(["longmem", *args])
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_training(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, text = run(["run", "toy", "--steps", "3", "--seeds", "1", "--out", str(blocker / "toy")], capsys)
+    assert code == 2
+    assert text.splitlines() == [
+        f"longmem: cannot write the report folder {blocker / 'toy'}: {blocker} is a file, not a folder"
+    ]
+
+    # a read-only file system, as reported: making any file there fails with EROFS
+    def read_only(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    out = tmp_path / "new" / "report"
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        code, text = run(["demo", "--size", "tiny", "--steps", "3", "--out", str(out)], capsys)
+    assert code == 2
+    assert text.splitlines() == [
+        f"longmem: cannot write the report folder {out}: Read-only file system ({tmp_path})"
+    ]
+    assert not out.parent.exists()
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's sysfs, which takes no new files")
+def test_an_out_folder_the_kernel_refuses(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_training(monkeypatch)
+    code, text = run(["run", "toy", "--steps", "3", "--seeds", "1", "--out", "/sys/longmem-report"], capsys)
+    assert code == 2
+    (line,) = text.splitlines()
+    assert (
+        line.startswith("longmem: cannot write the report folder /sys/longmem-report: ") and "(/sys)" in line
+    )
 
 
 def test_entry_points(tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ import argparse
 import io
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from ._distributed import barrier, current_world
 from ._optim import OPTIMIZERS, optimizer_label
 from ._report import (
     Figure,
+    MissingDependencyError,
     ReportContent,
     Table,
     command_line,
@@ -217,6 +220,35 @@ def _check_resume(exp: Experiment, saved: dict[str, Any], given: dict[str, Any])
     return cfg
 
 
+def _check_can_run(out: Path, ckdir: Path) -> None:
+    """What a run needs beyond the options, checked before anything is trained or removed: the packages
+    the report needs, and a report folder that can be written. Raises :class:`ConfigError`."""
+    try:
+        pyplot()
+    except MissingDependencyError as e:
+        if ckdir.is_dir():
+            then = f"The checkpoint in {ckdir} is kept: once it is installed, add --resume to continue it"
+        else:
+            then = "Nothing was trained; once it is installed, run the same command again"
+        raise ConfigError(f"{e}. {then}") from None
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """One line naming ``out`` unless a file can be made in it (or in the folder that will hold it)."""
+    base = out
+    while not base.exists() and base.parent != base:  # the nearest folder that exists
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"cannot write the report folder {out}: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".longmem-write-test-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write the report folder {out}: {e.strerror or e} ({base})") from None
+
+
 def _load(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -245,6 +277,7 @@ def run_experiment(
     argv = list(sys.argv[1:] if argv is None else argv)
     ckdir = out / CHECKPOINT_DIR
     config_path = ckdir / "config.json"
+    _check_can_run(out, ckdir)
     if resume:
         if config_path.is_file():
             saved = json.loads(config_path.read_text(encoding="utf-8"))
@@ -275,6 +308,7 @@ def run_experiment(
     barrier(world)  # no rank reads a checkpoint folder that rank 0 is still clearing
     # The report shows the command that reproduces the whole result from scratch.
     command = command_line([a for a in argv_first if a != "--resume"])
+    resume_cmd = command_line([*(a for a in argv_first if a != "--resume"), "--resume"])
 
     t0 = time.perf_counter()
     records: dict[str, dict[str, Any]] = {}
@@ -339,15 +373,23 @@ def run_experiment(
             config_path,
             {"experiment": exp.name, "config": cfg, "argv": argv_first, "wall_time_s": wall_total},
         )
-        resume_cmd = command_line([*(a for a in argv_first if a != "--resume"), "--resume"])
         note = (
             f"Interrupted: {len(records)} of {len(plan.runs)} runs finished. The unfinished run is "
             f"checkpointed in {CHECKPOINT_DIR}/; continue with `{resume_cmd}`"
         )
-        content = _partial_content(exp, plan, records, out)
     else:
         note = ""
-        content = exp.summarize(cfg, plan, records, out)
+    try:
+        content = (
+            exp.summarize(cfg, plan, records, out)
+            if interrupted is None
+            else _partial_content(exp, plan, records, out)
+        )
+    except MissingDependencyError as e:  # gone since the check; each finished run has its "done" checkpoint
+        raise ConfigError(
+            f"{e}. The {len(records)} finished runs are checkpointed in {ckdir}; once it is installed, "
+            f"`{resume_cmd}` writes the report without training them again"
+        ) from None
     payload.update(
         status="complete" if interrupted is None else "interrupted", summary=content.summary, runs=records
     )
