@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from longmem.cli import main
-from longmem.experiments import _runner
+from longmem.experiments import DEMO, _runner
 from longmem.experiments._data import (
     FASHION_MNIST_DIRS,
     FASHION_MNIST_FILES,
@@ -128,6 +128,13 @@ def test_demo_writes_report_plots_and_json_that_agree(
             assert 0 <= reach <= 12 and min(mine["loss"]) <= ref["loss"][-1]
     assert data["summary"]["verdict"] in report
     assert "longmem demo --size tiny --steps 12" in report
+    # the table again from the JSON alone, as docs/readme_demo_table.py makes the README's: the same text
+    assert DEMO.table_from_json(data).markdown() in report
+    # what was run: one seed (no shading), three optimizers, bytes
+    assert "min-max" not in report and "Both runs" not in report
+    assert "Every optimizer's lr follows the same cosine schedule over all 12 steps" in report
+    assert not re.search(r"\d tokens (per|each)", report) and "128 bytes per step" in report
+    assert "the whole run (left) and from step 2 on with the y axis zoomed (right)" in report
 
 
 def test_lm_with_seeds_reports_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -159,6 +166,7 @@ def test_lm_with_seeds_reports_mean_and_std(tmp_path: Path, capsys: pytest.Captu
         row = row_for(report, data["summary"]["optimizers"][group]["label"])
         assert row[1] == fmt_mean_std(finals)
         assert "±" in row[1]
+    assert "mean over 2 seeds, shading: min-max over seeds" in report
     # same seed, same data order: both optimizers start from the same initial held-out loss
     assert data["runs"]["adamw-s5"]["eval"]["loss"][0] == data["runs"]["ademamix-s5"]["eval"]["loss"][0]
     assert data["runs"]["adamw-s5"]["eval"]["loss"][0] != data["runs"]["adamw-s6"]["eval"]["loss"][0]
@@ -307,6 +315,24 @@ def test_toy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (out / "rosenbrock.png").is_file()
     finals = [data["runs"][f"adam-s{s}"]["eval"]["f"][-1] for s in (0, 1)]
     assert row_for(report, "Adam")[1] == fmt_mean_std(finals, 6)
+    # the report says what was run: SGD's lr is a tenth of the others' here, and f has no data
+    sgd_lr = data["runs"]["sgd-s0"]["spec"]["peak_lr"]
+    assert sgd_lr == pytest.approx(0.1 * data["runs"]["adam-s0"]["spec"]["peak_lr"])
+    assert f"| SGD+momentum | peak lr {sgd_lr:.3g} (0.1x the shared 0.01, " in report
+    assert "100x the adaptive" not in report
+    assert "held-out" not in report and "batches" not in report
+    assert "a seed fixes the starting point, the same for every optimizer" in report
+
+
+def test_option_help_says_what_the_experiment_does(capsys: pytest.CaptureFixture[str]) -> None:
+    def help_of(args: list[str]) -> str:
+        with pytest.raises(SystemExit):
+            main([*args, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "(SGD: 0.1x, as its usual 100x diverges at once on Rosenbrock;" in help_of(["run", "toy"])
+    assert "steps between evaluations of f" in help_of(["run", "toy"])
+    assert "(SGD: 100x;" in help_of(["run", "lr-sensitivity"])
 
 
 def write_idx(path: Path, array: list[int], shape: tuple[int, ...]) -> None:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from .. import checkpoint as checkpoint_file
 from ._distributed import barrier, current_world
-from ._optim import OPTIMIZERS, optimizer_label
+from ._optim import OPTIMIZERS, lr_setting, optimizer_label
 from ._report import (
     Figure,
     MissingDependencyError,
@@ -54,7 +54,11 @@ COMMON_OPTIONS: dict[str, tuple[Any, str]] = {
     "seeds": (int, "number of seeds (runs per setting); tables show mean ± std over them"),
     "seed": (int, "first seed (seeds are SEED, SEED+1, ...); a seed fixes the init and the data order"),
     "optimizers": (str, "comma-separated optimizers, from: " + ", ".join(OPTIMIZERS)),
-    "lr": (float, "peak learning rate of the Adam-family optimizers (SGD: 100x)"),
+    "lr": (
+        float,
+        "peak learning rate of the adaptive optimizers (SGD: 100x; Simplified AdEMAMix: its authors' "
+        "rescaling)",
+    ),
     "warmup": (float, "lr warm-up as a fraction of the steps (then cosine decay to 10%%)"),
     "size": (str, "model size preset: tiny (tests), small, base"),
     "eval_every": (int, "steps between held-out evaluations (default: steps / 20)"),
@@ -87,6 +91,8 @@ class Experiment:
     defaults: ClassVar[dict[str, Any]] = {}
     #: options this experiment adds: name -> (type, help); a type of bool makes a flag
     options: ClassVar[dict[str, tuple[Any, str]]] = {}
+    #: help texts of common options that mean something else here: name -> help
+    option_help: ClassVar[dict[str, str]] = {}
     #: choices of string options (e.g. size, corpus)
     choices: ClassVar[dict[str, list[str]]] = {}
     default_out: ClassVar[str] = ""
@@ -97,6 +103,7 @@ class Experiment:
         for name, (typ, text) in {**COMMON_OPTIONS, **self.options}.items():
             if name not in self.defaults:
                 continue
+            text = self.option_help.get(name, text)
             flag = "--" + name.replace("_", "-")
             default = self.defaults[name]
             shown = ",".join(default) if isinstance(default, list) else default
@@ -187,7 +194,7 @@ class Experiment:
         for key in keys:
             info = OPTIMIZERS[key]
             desc = info.describe(cfg["lr"] * info.lr_scale, int(cfg["steps"]), weight_decay, options or {})
-            out.append((info.label, f"peak lr {cfg['lr'] * info.lr_scale:.3g}; {desc}"))
+            out.append((info.label, f"{lr_setting(key, cfg['lr'])}; {desc}"))
         return out
 
     # ---- to implement ---------------------------------------------------------------------------------
@@ -349,11 +356,11 @@ def run_experiment(
         if world.parallel
         else []
     )
+    first_task = next(iter(plan.tasks.values()))
     setup = [
         *plan.setup,
         *parallel,
-        f"Seeds: {', '.join(map(str, Experiment.seeds(cfg)))} (a seed fixes the initialisation and the data "
-        "order; every optimizer sees the same batches in the same order)",
+        f"Seeds: {', '.join(map(str, Experiment.seeds(cfg)))} ({first_task.seed_note()})",
     ]
     payload: dict[str, Any] = {
         "experiment": exp.name,
@@ -425,6 +432,7 @@ def _partial_content(
     ordered = [records[s.run_id] for s in plan.runs if s.run_id in records]
     groups = group_runs(ordered)
     metric_keys = [k for k in ordered[0]["eval"] if k != "step"]
+    held_out = next(iter(plan.tasks.values())).eval_prefix  # "held-out ", or "" for a task without data
     rows = []
     summary: dict[str, Any] = {}
     for group, recs in groups.items():
@@ -435,7 +443,7 @@ def _partial_content(
         rows.append(
             [recs[0]["spec"]["label"], str(len(recs))] + [fmt_mean_std(finals[k]) for k in metric_keys]
         )
-    table = Table(["run", "seeds finished", *[f"final held-out {k}" for k in metric_keys]], rows)
+    table = Table(["run", "seeds finished", *[f"final {held_out}{k}" for k in metric_keys]], rows)
     figures = []
     if metric_keys:
         plt = pyplot()
@@ -444,12 +452,14 @@ def _partial_content(
         labels = {g: r[0]["spec"]["label"] for g, r in groups.items()}
         plot_curves(ax, groups, "eval", metric_keys[0], colors=colors, labels=labels, marker="o")
         ax.set_xlabel("step")
-        ax.set_ylabel(f"held-out {metric_keys[0]}")
+        ax.set_ylabel(f"{held_out}{metric_keys[0]}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "partial.png")
         plt.close(fig)
-        figures.append(Figure("partial.png", "Held-out curves of the runs that finished"))
+        figures.append(
+            Figure("partial.png", f"{held_out or 'evaluation '}curves of the runs that finished".capitalize())
+        )
     return ReportContent(
         verdict="Incomplete: the experiment was interrupted; the numbers below are the finished runs only.",
         tables=[table],
