@@ -141,7 +141,7 @@ def pyplot() -> Any:
     except ImportError as e:
         raise MissingDependencyError(
             f"the reports draw their plots with matplotlib, which does not import ({e}); install it with "
-            "pip install 'longmem[experiments]'  (or: pip install matplotlib)"
+            "`pip install matplotlib` (in a checkout of longmem: `pip install -e '.[experiments]'`)"
         ) from e
 
     plt.rcParams.update(
