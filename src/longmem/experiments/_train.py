@@ -270,9 +270,11 @@ def train_run(
         loss.backward()
         if spec.clip:
             torch.nn.utils.clip_grad_norm_(params, spec.clip)
-        with warnings.catch_warnings():
-            if unwarmed_on_purpose:  # the schedulers experiment's point: no warning about it
+        if unwarmed_on_purpose and step == start:  # the schedulers experiment's point: no warning about it
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", AdEMAMixWarmupWarning)
+                optimizer.step()
+        else:
             optimizer.step()
         done = step + 1
         requested = interrupt.step_done() if interrupt is not None else False
