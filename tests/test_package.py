@@ -79,3 +79,33 @@ def test_star_import_gives_every_public_name() -> None:
     )
     assert out["got"] == out["all"]
     assert {"AdEMAMix", "AdEMAMixWarmupWarning", "FusedFallbackWarning", "checkpoint"} <= set(out["all"])
+
+
+def run_readme_script(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    script = str(ROOT / "docs" / "readme_demo_table.py")
+    return subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, env=env, check=False
+    )
+
+
+def test_the_readme_demo_table_is_docs_demo_json_rounded_as_the_report(tmp_path: Path) -> None:
+    done = run_readme_script("--check")
+    assert done.returncode == 0, done.stderr
+    # without the report's code: the JSON's curves, rounded to the report's digits, are the table's cells
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    data = json.loads((ROOT / "docs" / "demo.json").read_text(encoding="utf-8"))
+    steps = data["config"]["steps"]
+    for key, label in (("adamw", "AdamW"), ("ademamix", "AdEMAMix"), ("adamod", "AdaMod")):
+        run = data["runs"][f"{key}-s0"]
+        held_out = run["eval"]["loss"][-1]
+        train = sum(run["train"]["loss"][-steps // 20 :]) / (steps // 20)  # mean over the last 5% of steps
+        assert f"| {label} | {held_out:.3f} | {train:.3f} |" in readme
+    reach = data["summary"]["optimizers"]["adamod"]["reference_steps_to_reach_this_final"][0]
+    assert f"| {reach:.0f} ({100 * reach / steps:.0f}%) |" in readme
+    # a hand edit is caught
+    first_cell = f"| AdamW | {data['runs']['adamw-s0']['eval']['loss'][-1]:.3f} |"
+    edited = tmp_path / "README.md"
+    edited.write_text(readme.replace(first_cell, "| AdamW | 2.000 |"), encoding="utf-8")
+    done = run_readme_script("--check", "--readme", str(edited))
+    assert done.returncode == 1 and "demo table" in done.stderr
