@@ -6,6 +6,7 @@ The full-size runs are marked ``slow`` and stay out of the default suite (``pyte
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import json
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from longmem.cli import main
+from longmem.experiments import DEMO, _runner
 from longmem.experiments._data import (
     FASHION_MNIST_DIRS,
     FASHION_MNIST_FILES,
@@ -125,6 +128,13 @@ def test_demo_writes_report_plots_and_json_that_agree(
             assert 0 <= reach <= 12 and min(mine["loss"]) <= ref["loss"][-1]
     assert data["summary"]["verdict"] in report
     assert "longmem demo --size tiny --steps 12" in report
+    # the table again from the JSON alone, as docs/readme_demo_table.py makes the README's: the same text
+    assert DEMO.table_from_json(data).markdown() in report
+    # what was run: one seed (no shading), three optimizers, bytes
+    assert "min-max" not in report and "Both runs" not in report
+    assert "Every optimizer's lr follows the same cosine schedule over all 12 steps" in report
+    assert not re.search(r"\d tokens (per|each)", report) and "128 bytes per step" in report
+    assert "the whole run (left) and from step 2 on with the y axis zoomed (right)" in report
 
 
 def test_lm_with_seeds_reports_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -156,6 +166,7 @@ def test_lm_with_seeds_reports_mean_and_std(tmp_path: Path, capsys: pytest.Captu
         row = row_for(report, data["summary"]["optimizers"][group]["label"])
         assert row[1] == fmt_mean_std(finals)
         assert "±" in row[1]
+    assert "mean over 2 seeds, shading: min-max over seeds" in report
     # same seed, same data order: both optimizers start from the same initial held-out loss
     assert data["runs"]["adamw-s5"]["eval"]["loss"][0] == data["runs"]["ademamix-s5"]["eval"]["loss"][0]
     assert data["runs"]["adamw-s5"]["eval"]["loss"][0] != data["runs"]["adamw-s6"]["eval"]["loss"][0]
@@ -352,6 +363,24 @@ def test_toy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (out / "rosenbrock.png").is_file()
     finals = [data["runs"][f"adam-s{s}"]["eval"]["f"][-1] for s in (0, 1)]
     assert row_for(report, "Adam")[1] == fmt_mean_std(finals, 6)
+    # the report says what was run: SGD's lr is a tenth of the others' here, and f has no data
+    sgd_lr = data["runs"]["sgd-s0"]["spec"]["peak_lr"]
+    assert sgd_lr == pytest.approx(0.1 * data["runs"]["adam-s0"]["spec"]["peak_lr"])
+    assert f"| SGD+momentum | peak lr {sgd_lr:.3g} (0.1x the shared 0.01, " in report
+    assert "100x the adaptive" not in report
+    assert "held-out" not in report and "batches" not in report
+    assert "a seed fixes the starting point, the same for every optimizer" in report
+
+
+def test_option_help_says_what_the_experiment_does(capsys: pytest.CaptureFixture[str]) -> None:
+    def help_of(args: list[str]) -> str:
+        with pytest.raises(SystemExit):
+            main([*args, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "(SGD: 0.1x, as its usual 100x diverges at once on Rosenbrock;" in help_of(["run", "toy"])
+    assert "steps between evaluations of f" in help_of(["run", "toy"])
+    assert "(SGD: 100x;" in help_of(["run", "lr-sensitivity"])
 
 
 def write_idx(path: Path, array: list[int], shape: tuple[int, ...]) -> None:
@@ -581,6 +610,114 @@ def test_bad_options_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 2 and "unknown optimizer 'nadam'" in text
     code, text = run(["run", "lr-sensitivity", "--lr-factors", "a,b", "--out", str(tmp_path)], capsys)
     assert code == 2 and "--lr-factors" in text
+
+
+# ---- what a command needs, checked before it trains --------------------------------------------
+def _no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def train_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a run was trained")
+
+    monkeypatch.setattr(_runner, "train_run", train_run)
+
+
+def test_missing_matplotlib_is_reported_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "report"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+        _no_training(m)
+        code, text = run(["demo", "--size", "tiny", "--steps", "4", "--out", str(out)], capsys)
+    assert code == 2, text
+    assert (
+        text.startswith("longmem: the reports draw their plots with matplotlib") and "Traceback" not in text
+    )
+    assert "`pip install matplotlib`" in text and "Nothing was trained" in text
+    assert not out.exists()
+    # an interrupted run's checkpoint is kept, and the message says how to continue it
+    monkeypatch.setenv(INTERRUPT_AFTER_ENV, "3")
+    args = ["run", "toy", "--steps", "10", "--seeds", "1", "--optimizers", "adam", "--out", str(out)]
+    assert run(args, capsys)[0] == 130
+    monkeypatch.delenv(INTERRUPT_AFTER_ENV)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)
+        code, text = run(args, capsys)
+    assert code == 2 and f"The checkpoint in {out / 'checkpoint'} is kept" in text and "--resume" in text
+    assert (out / "checkpoint" / "adam-s0.pt").is_file()
+    code, text = run([*args, "--resume"], capsys)
+    assert code == 0, text
+
+
+def test_a_report_that_cannot_be_drawn_keeps_the_runs_for_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [
+        "demo",
+        "--size",
+        "tiny",
+        "--steps",
+        "6",
+        "--optimizers",
+        "adamw,ademamix",
+        "--out",
+        str(tmp_path),
+    ]
+    with monkeypatch.context() as m:
+        m.setattr(_runner, "pyplot", lambda: None)  # the check passes, then matplotlib is gone
+        m.setitem(sys.modules, "matplotlib", None)
+        code, text = run(args, capsys)
+    assert code == 2 and "Traceback" not in text
+    resume = command_of([*args, "--quiet", "--threads", "2", "--resume"])  # run() adds the middle two
+    assert f"The 2 finished runs are checkpointed in {tmp_path / 'checkpoint'}" in text and resume in text
+    assert {f.name for f in (tmp_path / "checkpoint").glob("*.pt")} == {"adamw-s0.pt", "ademamix-s0.pt"}
+    _no_training(monkeypatch)  # --resume trains neither again: it writes the report from their records
+    code, text = run([*args, "--resume"], capsys)
+    assert code == 0, text
+    check_report(tmp_path, "demo", 2)
+
+
+def command_of(args: list[str]) -> str:
+    return " ".join(["longmem", *args])
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_training(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, text = run(["run", "toy", "--steps", "3", "--seeds", "1", "--out", str(blocker / "toy")], capsys)
+    assert code == 2
+    assert text.splitlines() == [
+        f"longmem: cannot write the report folder {blocker / 'toy'}: {blocker} is a file, not a folder"
+    ]
+
+    # a read-only file system, as reported: making any file there fails with EROFS
+    def read_only(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    out = tmp_path / "new" / "report"
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        code, text = run(["demo", "--size", "tiny", "--steps", "3", "--out", str(out)], capsys)
+    assert code == 2
+    assert text.splitlines() == [
+        f"longmem: cannot write the report folder {out}: Read-only file system ({tmp_path})"
+    ]
+    assert not out.parent.exists()
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's sysfs, which takes no new files")
+def test_an_out_folder_the_kernel_refuses(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_training(monkeypatch)
+    code, text = run(["run", "toy", "--steps", "3", "--seeds", "1", "--out", "/sys/longmem-report"], capsys)
+    assert code == 2
+    (line,) = text.splitlines()
+    assert (
+        line.startswith("longmem: cannot write the report folder /sys/longmem-report: ") and "(/sys)" in line
+    )
 
 
 def test_entry_points(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
-"""Bad hyperparameters raise ValueError naming the parameter, in the constructor and in add_param_group."""
+"""Bad hyperparameters raise ValueError naming the parameter, in the constructor and in add_param_group;
+AdEMAMix warns once about the setting the paper reports diverging early."""
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -176,3 +178,61 @@ def test_docstring_documents_every_argument(cls) -> None:
     assert "{common_args}" not in doc
     for name in inspect.signature(cls).parameters:
         assert f"        {name}: " in doc, f"{cls.__name__} does not document {name!r}"
+
+
+# ---- AdEMAMix without warm-ups -------------------------------------------------------------------------
+def _warnings_of_steps(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: int) -> list[list]:
+    """The AdEMAMixWarmupWarnings each of ``steps`` steps gives, with every warning shown ("always")."""
+    given = []
+    for _ in range(steps):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        given.append([w for w in caught if issubclass(w.category, longmem.AdEMAMixWarmupWarning)])
+    return given
+
+
+def test_ademamix_without_warmups_warns_once_at_the_first_step() -> None:
+    p = _param()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing at construction
+        opt = longmem.AdEMAMix([p], alpha=8.0, betas=(0.9, 0.999, 0.9999))
+    given = _warnings_of_steps(opt, [p], 3)
+    assert [len(g) for g in given] == [1, 0, 0]
+    text = str(given[0][0].message)
+    assert "alpha_warmup" in text and "beta3_warmup" in text and "AdEMAMixWarmupCallback" in text
+    assert "param group 0: alpha 8, beta3 0.9999" in text
+    assert given[0][0].filename == __file__  # points at the caller's opt.step()
+    assert longmem.AdEMAMixWarmupWarning is longmem.ademamix.AdEMAMixWarmupWarning
+    assert issubclass(longmem.AdEMAMixWarmupWarning, UserWarning)
+
+
+def test_ademamix_warning_names_the_group_and_points_past_an_lr_scheduler() -> None:
+    p, q = _param(), _param()
+    opt = longmem.AdEMAMix([{"params": [p]}, {"params": [q], "alpha": 4.0, "betas": (0.9, 0.999, 0.99999)}])
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=10)  # wraps opt.step once more
+    (first,) = _warnings_of_steps(opt, [p, q], 1)[0]
+    scheduler.step()
+    assert "param group 1: alpha 4, beta3 0.99999" in str(first.message)
+    assert "param group 0" not in str(first.message)
+    assert first.filename == __file__
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # the authors' defaults: alpha 2, beta3 0.9999, no warm-ups
+        {"alpha": 3.99},
+        {"alpha": 8.0, "betas": (0.9, 0.999, 0.999)},  # the paper's beta3 for short runs
+        {"alpha": 8.0, "alpha_warmup": 100},
+        {"alpha": 8.0, "beta3_warmup": 100},
+        {"alpha": 8.0, "alpha_warmup": 100, "beta3_warmup": 100},
+    ],
+    ids=repr,
+)
+def test_ademamix_is_silent_outside_the_unwarmed_setting(kwargs: dict) -> None:
+    p = _param()
+    opt = longmem.AdEMAMix([p], **kwargs)
+    assert _warnings_of_steps(opt, [p], 2) == [[], []]

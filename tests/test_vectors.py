@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,6 +185,16 @@ def test_reference_reproduces_spec_vector(name, x0, grad_of, hp, expected, rtol,
     hist, _ = ref.run_reference(name, x0, lambda t, p: grad_of(p), max(expected), **hp)
     for t, want in expected.items():
         torch.testing.assert_close(hist[t - 1], torch.tensor(want, dtype=F64), rtol=rtol, atol=atol)
+
+
+def test_the_docs_state_every_vector_tested_here():
+    """docs/algorithms.md, the statement users read, gives the same numbers as SPEC's vectors above."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "algorithms.md").read_text(encoding="utf-8")
+    for name, _optimizer, _x0, _grad, _hp, expected, _rtol, _atol in VECTORS:
+        for t, want in expected.items():
+            assert "[" + ", ".join(repr(float(v)) for v in want) + "]" in doc, (name, t)
+    for value in ("0.9909001624025741", "0.9998001996254803"):  # the schedule's vector
+        assert value in doc
 
 
 # --------------------------------------------------------------------------- schedules

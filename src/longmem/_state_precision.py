@@ -6,7 +6,7 @@ update rule on them (per tensor, foreach or fused, exactly as with ``"fp32"``), 
 result back. Every encoding rounds **stochastically**: rounded up with probability (distance to the
 lower grid point) / (grid spacing), so the stored value is unbiased. Round-to-nearest is not an
 option: with beta 0.9999 an EMA's increment ``(1 - beta) * (g - m)`` is far below one grid step, so
-it would be rounded away every step and the slow EMA would stop moving (SPEC.md).
+it would be rounded away every step and the slow EMA would stop moving (docs/algorithms.md).
 
 Modes (``MODES``):
 
@@ -195,8 +195,9 @@ def slow_ema_trace(
 ) -> tuple[Tensor, Tensor]:
     """An EMA with ``beta`` of ``0.5 + N(0, 1)`` over ``steps`` steps and ``n`` elements, kept in
     ``mode`` (``"bf16"``, ``"8bit"``: stochastic rounding; ``"bf16-nearest"``: round-to-nearest), and
-    the same EMA kept exactly in float32: ``(kept, exact)``. The check behind SPEC.md's warning that
-    a slow EMA stalls under round-to-nearest (the tests and benchmarks/state_precision.py use it)."""
+    the same EMA kept exactly in float32: ``(kept, exact)``. The check behind docs/algorithms.md's
+    warning that a slow EMA stalls under round-to-nearest (the tests and benchmarks/state_precision.py
+    use it)."""
     gen = torch.Generator().manual_seed(seed)
     noise = torch.Generator()
     exact = torch.zeros(n)

@@ -14,7 +14,10 @@ https://arxiv.org/abs/2409.03137 (authors' code: apple/ml-ademamix). For step ``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -26,7 +29,45 @@ from ._base import LongMemOptimizer, ParamsT, state_dtype
 from ._elementwise import default_foreach, run_rule
 from .schedules import alpha_schedule, beta_halflife_schedule
 
-__all__ = ["AdEMAMix", "ademamix"]
+__all__ = ["AdEMAMix", "AdEMAMixWarmupWarning", "ademamix"]
+
+#: The setting the paper reports diverging early: a large alpha on a very slow EMA, neither warmed up.
+RISKY_ALPHA = 4.0
+RISKY_BETA3 = 0.9999
+
+
+class AdEMAMixWarmupWarning(UserWarning):
+    """AdEMAMix runs with a large ``alpha`` and ``beta3 >= 0.9999`` but neither ``alpha_warmup`` nor
+    ``beta3_warmup``, which the paper reports diverging early. Given once, at the optimizer's first step."""
+
+
+def _outside_stacklevel(skip: tuple[str, ...]) -> int:
+    """``warnings.warn``'s stacklevel, for its caller, of the first frame whose file is not under ``skip``:
+    the user's ``opt.step()`` rather than torch's step wrappers (an lr scheduler adds one)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _warn_if_unwarmed(optimizer: AdEMAMix) -> None:
+    risky = [
+        f"param group {i}: alpha {group['alpha']:g}, beta3 {group['betas'][2]:g}"
+        for i, group in enumerate(optimizer.param_groups)
+        if group["alpha"] >= RISKY_ALPHA
+        and group["betas"][2] >= RISKY_BETA3
+        and group["alpha_warmup"] is None
+        and group["beta3_warmup"] is None
+    ]
+    if risky:
+        warnings.warn(
+            f"AdEMAMix with alpha >= {RISKY_ALPHA:g} and beta3 >= {RISKY_BETA3:g} but neither alpha_warmup "
+            f"nor beta3_warmup ({'; '.join(risky)}) is the setting the paper reports diverging early. Set "
+            "alpha_warmup = beta3_warmup = the run's total number of steps (Hugging Face Trainer: "
+            "callbacks=[longmem.integrations.huggingface.AdEMAMixWarmupCallback()]).",
+            AdEMAMixWarmupWarning,
+            stacklevel=_outside_stacklevel((os.path.dirname(__file__), os.path.dirname(torch.__file__))),
+        )
 
 
 class AdEMAMix(LongMemOptimizer):
@@ -50,6 +91,8 @@ class AdEMAMix(LongMemOptimizer):
     """
 
     _buffers = ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")
+    #: whether this optimizer has checked its groups for the unwarmed setting (at its first step)
+    _warmup_checked: bool = False
 
     def __init__(
         self,
@@ -83,6 +126,16 @@ class AdEMAMix(LongMemOptimizer):
             state_precision=state_precision,
         )
         super().__init__(params, defaults)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        The first call checks the groups for the setting the paper reports diverging early and gives
+        one :class:`AdEMAMixWarmupWarning` if a group is in it."""
+        if not self._warmup_checked:
+            self._warmup_checked = True
+            _warn_if_unwarmed(self)
+        return super().step(closure)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check.check_common(group, 3)

@@ -34,7 +34,7 @@ def beta_halflife_schedule(
 
     ``log_eps`` evaluates ``ln(beta + log_eps)`` instead, as the authors' code does with 1e-8; that
     moves the result by at most ~1e-6. AdEMAMix uses the exact form (``log_eps=0``); Simplified
-    AdEMAMix keeps its authors' ``log_eps=1e-8``, which SPEC.md's test vector follows.
+    AdEMAMix keeps its authors' ``log_eps=1e-8``, which its test vector (docs/algorithms.md) follows.
     """
     if warmup is None or t >= warmup:
         return beta_end

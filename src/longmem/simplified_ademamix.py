@@ -32,7 +32,7 @@ from .schedules import beta_halflife_schedule
 __all__ = ["SimplifiedAdEMAMix", "simplified_ademamix"]
 
 
-#: The authors' schedule evaluates ln(beta + 1e-8); SPEC.md's vector follows it.
+#: The authors' schedule evaluates ln(beta + 1e-8); the test vector of docs/algorithms.md follows it.
 AUTHORS_LOG_EPS = 1e-8
 
 

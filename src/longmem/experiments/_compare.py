@@ -257,9 +257,7 @@ def loss_figure(
                 if s >= steps / 5 and math.isfinite(v)
             ]
             if vals:
-                lo, hi = min(vals), max(vals)
-                pad = 0.05 * (hi - lo or 1.0)
-                ax.set_ylim(lo - pad, hi + pad)
+                ax.set_ylim(*_zoom_limits(vals, pad=0.05))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out / filename)
@@ -268,8 +266,20 @@ def loss_figure(
     return Figure(
         filename,
         f"{title}: training loss (left, smoothed; raw mean faint) and {eval_label} (right) "
-        f"against step{zoomed}; shading: min-max over seeds",
+        f"against step{zoomed}{_shading(groups)}",
     )
+
+
+def _shading(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """What a caption says about the bands: nothing when every group has one seed (none is drawn)."""
+    seeds = max(len(recs) for recs in groups.values())
+    return f"; mean over {seeds} seeds, shading: min-max over seeds" if seeds > 1 else ""
+
+
+def _zoom_limits(values: list[float], pad: float = 0.08) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    margin = pad * (hi - lo or 1.0)
+    return lo - margin, hi + margin
 
 
 def plot_differences(
@@ -279,13 +289,16 @@ def plot_differences(
     reference: str,
     eval_key: str = "loss",
     labels: dict[str, str] | None = None,
-) -> None:
+    since: float = 0.0,
+) -> list[float]:
     """On ``ax``: held-out ``eval_key`` minus the reference group's at each evaluation (same seed), mean
-    over seeds with the min-max band; ``labels``: legend labels by group (default: the runs' own)."""
+    over seeds with the min-max band; ``labels``: legend labels by group (default: the runs' own).
+    Returns the finite values drawn from step ``since`` on (and 0), for a zoomed axis."""
     labels = labels or {}
     ref = {r["spec"]["seed"]: r for r in groups[reference]}
     ref_label = labels.get(reference, groups[reference][0]["spec"]["label"])
     ax.axhline(0.0, color=group_color(groups[reference][0]), linewidth=1, label=f"{ref_label} (reference)")
+    late_values = [0.0]
     for group, recs in groups.items():
         if group == reference:
             continue
@@ -300,17 +313,24 @@ def plot_differences(
         if not diffs or not steps:
             continue
         mean = [mean_std(col)[0] for col in zip(*diffs, strict=True)]
+        lo = [min(c) for c in zip(*diffs, strict=True)]
+        hi = [max(c) for c in zip(*diffs, strict=True)]
         color = group_color(recs[0])
-        label = labels.get(group, recs[0]["spec"]["label"])
-        ax.plot(steps, mean, marker="o", markersize=3, color=color, label=label)
+        ax.plot(
+            steps,
+            mean,
+            marker="o",
+            markersize=3,
+            color=color,
+            label=labels.get(group, recs[0]["spec"]["label"]),
+        )
         if len(diffs) > 1:
-            ax.fill_between(
-                steps,
-                [min(c) for c in zip(*diffs, strict=True)],
-                [max(c) for c in zip(*diffs, strict=True)],
-                color=color,
-                alpha=0.15,
-            )
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
+        drawn = [mean, lo, hi] if len(diffs) > 1 else [mean]
+        late_values += [
+            v for curve in drawn for s, v in zip(steps, curve, strict=True) if s >= since and math.isfinite(v)
+        ]
+    return late_values
 
 
 def difference_figure(
@@ -322,23 +342,33 @@ def difference_figure(
     eval_key: str = "loss",
     eval_label: str = "held-out loss",
 ) -> Figure | None:
-    """Held-out ``eval_key`` minus the reference's at each evaluation (same seed), mean over seeds."""
+    """Held-out ``eval_key`` minus the reference's at each evaluation (same seed), mean over seeds: the
+    whole run (left) and, zoomed, from a fifth of the run on (right), so that an early spike of one
+    optimizer does not flatten the others' differences."""
     if reference not in groups:
         return None
     plt = pyplot()
     ref_label = groups[reference][0]["spec"]["label"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    plot_differences(ax, groups, reference=reference, eval_key=eval_key)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{eval_label} minus {ref_label}'s")
+    total = max(r["spec"]["steps"] for recs in groups.values() for r in recs)
+    start = total / 5
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    plot_differences(axes[0], groups, reference=reference, eval_key=eval_key)
+    late_values = plot_differences(axes[1], groups, reference=reference, eval_key=eval_key, since=start)
     better = "above" if eval_key == "accuracy" else "below"
-    ax.set_title(f"{better.capitalize()} zero: better than {ref_label} at the same step")
-    ax.legend()
+    axes[0].set_title("the whole run")
+    axes[1].set_title(f"from step {start:.0f} on (zoomed)")
+    axes[1].set_xlim(start - 0.02 * total, total + 0.02 * total)
+    axes[1].set_ylim(*_zoom_limits(late_values))
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{eval_label} minus {ref_label}'s")
+    axes[0].legend()
+    fig.suptitle(f"{better.capitalize()} zero: better than {ref_label} at the same step")
     fig.tight_layout()
     fig.savefig(out / filename)
     plt.close(fig)
     return Figure(
         filename,
-        f"{eval_label.capitalize()} minus {ref_label}'s at the same step and seed "
-        "(mean over seeds; shading: min-max)",
+        f"{eval_label.capitalize()} minus {ref_label}'s at the same step and seed: the whole run (left) and "
+        f"from step {start:.0f} on with the y axis zoomed (right){_shading(groups)}",
     )

@@ -29,7 +29,7 @@ class GPTConfig:
         return (
             f"{self.n_layers} layers, d_model {self.d_model}, {self.n_heads} heads, context {self.context}, "
             f"{ln}, batch {self.batch_size} x {self.context} = {self.batch_size * self.context} "
-            "tokens per step"
+            "bytes per step"
         )
 
     def to_dict(self) -> dict[str, object]:

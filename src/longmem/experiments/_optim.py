@@ -25,6 +25,7 @@ __all__ = [
     "OptimizerInfo",
     "ademamix_beta3_for",
     "lr_at",
+    "lr_setting",
     "make_optimizer",
     "optimizer_label",
 ]
@@ -51,6 +52,8 @@ class OptimizerInfo:
     describe: Callable[[float, int, float, dict[str, Any]], str]
     #: this optimizer's peak lr is ``lr_scale`` times the shared (Adam-family) lr
     lr_scale: float = 1.0
+    #: why, when ``lr_scale`` is not 1 (for the reports)
+    lr_reason: str = ""
 
 
 def _adamw(params: list[Tensor], lr: float, total: int, wd: float, kw: dict[str, Any]) -> Optimizer:
@@ -147,11 +150,9 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             "SGD+momentum",
             "#7f7f7f",
             _sgd,
-            _const(
-                "torch.optim.SGD, momentum 0.9, no weight decay, lr 100x the adaptive methods' "
-                "(as AdaMod's paper: 0.1 against 1e-3)"
-            ),
+            _const("torch.optim.SGD, momentum 0.9, no weight decay"),
             lr_scale=SGD_LR_FACTOR,
+            lr_reason="as in AdaMod's paper: 0.1 against 1e-3",
         ),
         OptimizerInfo(
             "diffgrad",
@@ -173,14 +174,25 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             "#ff7f0e",
             _simplified,
             _const(
-                "betas (0.99, 0.95), alpha 0, beta1 warm-up from 0.9 over {total} steps, "
-                "weight decay {wd:g}; "
-                "lr = Adam's x sqrt((1 - 0.9)(1 - 0.99)) as its authors advise (its momentum is a sum)"
+                "betas (0.99, 0.95), alpha 0, beta1 warm-up from 0.9 over {total} steps, weight decay {wd:g}"
             ),
             lr_scale=SIMPLIFIED_LR_FACTOR,
+            lr_reason="sqrt((1 - 0.9)(1 - 0.99)), as its authors advise: its momentum is a sum",
         ),
     ]
 }
+
+
+def lr_setting(key: str, shared_lr: float, scale: float | None = None, reason: str = "") -> str:
+    """``'peak lr 0.002'``, or for a scaled one ``'peak lr 0.2 (100x the shared 0.002, as in ...)'``.
+
+    ``scale``/``reason``: an experiment's own lr scale for this optimizer (default: its ``lr_scale``)."""
+    info = OPTIMIZERS[key]
+    scale = info.lr_scale if scale is None else scale
+    text = f"peak lr {shared_lr * scale:.3g}"
+    if scale != 1.0:
+        text += f" ({scale:.3g}x the shared {shared_lr:g}, {reason or info.lr_reason})"
+    return text
 
 
 def optimizer_label(key: str) -> str:

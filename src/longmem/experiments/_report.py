@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "Figure",
+    "MissingDependencyError",
     "ReportContent",
     "Table",
     "aggregate",
@@ -126,17 +127,22 @@ def aggregate(
 
 
 # ---- plots -----------------------------------------------------------------------------------------
+class MissingDependencyError(RuntimeError):
+    """A package the reports need does not import (the message says how to install it)."""
+
+
 def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend, or a clear message how to install it."""
+    """matplotlib.pyplot on the file-only Agg backend; :class:`MissingDependencyError` without it."""
     try:
         import matplotlib
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit(
-            "longmem: the experiments draw their plots with matplotlib, which is not installed.\n"
-            "Install the extra:  pip install 'longmem[experiments]'   (or: pip install matplotlib)"
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"the reports draw their plots with matplotlib, which does not import ({e}); install it with "
+            "`pip install matplotlib` (in a checkout of longmem: `pip install -e '.[experiments]'`)"
         ) from e
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
     plt.rcParams.update(
         {

@@ -7,8 +7,10 @@ import argparse
 import io
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,10 @@ from typing import Any, ClassVar
 
 from .. import checkpoint as checkpoint_file
 from ._distributed import barrier, current_world
-from ._optim import OPTIMIZERS, optimizer_label
+from ._optim import OPTIMIZERS, lr_setting, optimizer_label
 from ._report import (
     Figure,
+    MissingDependencyError,
     ReportContent,
     Table,
     command_line,
@@ -51,7 +54,11 @@ COMMON_OPTIONS: dict[str, tuple[Any, str]] = {
     "seeds": (int, "number of seeds (runs per setting); tables show mean ± std over them"),
     "seed": (int, "first seed (seeds are SEED, SEED+1, ...); a seed fixes the init and the data order"),
     "optimizers": (str, "comma-separated optimizers, from: " + ", ".join(OPTIMIZERS)),
-    "lr": (float, "peak learning rate of the Adam-family optimizers (SGD: 100x)"),
+    "lr": (
+        float,
+        "peak learning rate of the adaptive optimizers (SGD: 100x; Simplified AdEMAMix: its authors' "
+        "rescaling)",
+    ),
     "warmup": (float, "lr warm-up as a fraction of the steps (then cosine decay to 10%%)"),
     "size": (str, "model size preset: tiny (tests), small, base"),
     "eval_every": (int, "steps between held-out evaluations (default: steps / 20)"),
@@ -84,6 +91,8 @@ class Experiment:
     defaults: ClassVar[dict[str, Any]] = {}
     #: options this experiment adds: name -> (type, help); a type of bool makes a flag
     options: ClassVar[dict[str, tuple[Any, str]]] = {}
+    #: help texts of common options that mean something else here: name -> help
+    option_help: ClassVar[dict[str, str]] = {}
     #: choices of string options (e.g. size, corpus)
     choices: ClassVar[dict[str, list[str]]] = {}
     default_out: ClassVar[str] = ""
@@ -94,6 +103,7 @@ class Experiment:
         for name, (typ, text) in {**COMMON_OPTIONS, **self.options}.items():
             if name not in self.defaults:
                 continue
+            text = self.option_help.get(name, text)
             flag = "--" + name.replace("_", "-")
             default = self.defaults[name]
             shown = ",".join(default) if isinstance(default, list) else default
@@ -184,7 +194,7 @@ class Experiment:
         for key in keys:
             info = OPTIMIZERS[key]
             desc = info.describe(cfg["lr"] * info.lr_scale, int(cfg["steps"]), weight_decay, options or {})
-            out.append((info.label, f"peak lr {cfg['lr'] * info.lr_scale:.3g}; {desc}"))
+            out.append((info.label, f"{lr_setting(key, cfg['lr'])}; {desc}"))
         return out
 
     # ---- to implement ---------------------------------------------------------------------------------
@@ -217,6 +227,35 @@ def _check_resume(exp: Experiment, saved: dict[str, Any], given: dict[str, Any])
     return cfg
 
 
+def _check_can_run(out: Path, ckdir: Path) -> None:
+    """What a run needs beyond the options, checked before anything is trained or removed: the packages
+    the report needs, and a report folder that can be written. Raises :class:`ConfigError`."""
+    try:
+        pyplot()
+    except MissingDependencyError as e:
+        if ckdir.is_dir():
+            then = f"The checkpoint in {ckdir} is kept: once it is installed, add --resume to continue it"
+        else:
+            then = "Nothing was trained; once it is installed, run the same command again"
+        raise ConfigError(f"{e}. {then}") from None
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """One line naming ``out`` unless a file can be made in it (or in the folder that will hold it)."""
+    base = out
+    while not base.exists() and base.parent != base:  # the nearest folder that exists
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"cannot write the report folder {out}: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".longmem-write-test-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write the report folder {out}: {e.strerror or e} ({base})") from None
+
+
 def _load(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -245,6 +284,7 @@ def run_experiment(
     argv = list(sys.argv[1:] if argv is None else argv)
     ckdir = out / CHECKPOINT_DIR
     config_path = ckdir / "config.json"
+    _check_can_run(out, ckdir)
     if resume:
         if config_path.is_file():
             saved = json.loads(config_path.read_text(encoding="utf-8"))
@@ -275,6 +315,7 @@ def run_experiment(
     barrier(world)  # no rank reads a checkpoint folder that rank 0 is still clearing
     # The report shows the command that reproduces the whole result from scratch.
     command = command_line([a for a in argv_first if a != "--resume"])
+    resume_cmd = command_line([*(a for a in argv_first if a != "--resume"), "--resume"])
 
     t0 = time.perf_counter()
     records: dict[str, dict[str, Any]] = {}
@@ -315,11 +356,11 @@ def run_experiment(
         if world.parallel
         else []
     )
+    first_task = next(iter(plan.tasks.values()))
     setup = [
         *plan.setup,
         *parallel,
-        f"Seeds: {', '.join(map(str, Experiment.seeds(cfg)))} (a seed fixes the initialisation and the data "
-        "order; every optimizer sees the same batches in the same order)",
+        f"Seeds: {', '.join(map(str, Experiment.seeds(cfg)))} ({first_task.seed_note()})",
     ]
     payload: dict[str, Any] = {
         "experiment": exp.name,
@@ -339,15 +380,23 @@ def run_experiment(
             config_path,
             {"experiment": exp.name, "config": cfg, "argv": argv_first, "wall_time_s": wall_total},
         )
-        resume_cmd = command_line([*(a for a in argv_first if a != "--resume"), "--resume"])
         note = (
             f"Interrupted: {len(records)} of {len(plan.runs)} runs finished. The unfinished run is "
             f"checkpointed in {CHECKPOINT_DIR}/; continue with `{resume_cmd}`"
         )
-        content = _partial_content(exp, plan, records, out)
     else:
         note = ""
-        content = exp.summarize(cfg, plan, records, out)
+    try:
+        content = (
+            exp.summarize(cfg, plan, records, out)
+            if interrupted is None
+            else _partial_content(exp, plan, records, out)
+        )
+    except MissingDependencyError as e:  # gone since the check; each finished run has its "done" checkpoint
+        raise ConfigError(
+            f"{e}. The {len(records)} finished runs are checkpointed in {ckdir}; once it is installed, "
+            f"`{resume_cmd}` writes the report without training them again"
+        ) from None
     payload.update(
         status="complete" if interrupted is None else "interrupted", summary=content.summary, runs=records
     )
@@ -383,6 +432,7 @@ def _partial_content(
     ordered = [records[s.run_id] for s in plan.runs if s.run_id in records]
     groups = group_runs(ordered)
     metric_keys = [k for k in ordered[0]["eval"] if k != "step"]
+    held_out = next(iter(plan.tasks.values())).eval_prefix  # "held-out ", or "" for a task without data
     rows = []
     summary: dict[str, Any] = {}
     for group, recs in groups.items():
@@ -393,7 +443,7 @@ def _partial_content(
         rows.append(
             [recs[0]["spec"]["label"], str(len(recs))] + [fmt_mean_std(finals[k]) for k in metric_keys]
         )
-    table = Table(["run", "seeds finished", *[f"final held-out {k}" for k in metric_keys]], rows)
+    table = Table(["run", "seeds finished", *[f"final {held_out}{k}" for k in metric_keys]], rows)
     figures = []
     if metric_keys:
         plt = pyplot()
@@ -402,12 +452,14 @@ def _partial_content(
         labels = {g: r[0]["spec"]["label"] for g, r in groups.items()}
         plot_curves(ax, groups, "eval", metric_keys[0], colors=colors, labels=labels, marker="o")
         ax.set_xlabel("step")
-        ax.set_ylabel(f"held-out {metric_keys[0]}")
+        ax.set_ylabel(f"{held_out}{metric_keys[0]}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "partial.png")
         plt.close(fig)
-        figures.append(Figure("partial.png", "Held-out curves of the runs that finished"))
+        figures.append(
+            Figure("partial.png", f"{held_out or 'evaluation '}curves of the runs that finished".capitalize())
+        )
     return ReportContent(
         verdict="Incomplete: the experiment was interrupted; the numbers below are the finished runs only.",
         tables=[table],

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checkpoint as checkpoint_file
+from ..ademamix import AdEMAMixWarmupWarning
 from ._distributed import current_world, data_parallel_loss, shard_batch, step_totals
 from ._optim import OPTIMIZERS, lr_at, make_optimizer
 from ._progress import ProgressBar
@@ -95,6 +97,15 @@ class Task:
     """Data, model and metrics of one experiment. Subclasses override what they need."""
 
     name = "task"
+    #: how the progress bar and reports name the metrics of :meth:`evaluate`
+    eval_prefix = "held-out "
+
+    def seed_note(self) -> str:
+        """What a seed fixes, for the report's setup section."""
+        return (
+            "a seed fixes the initialisation and the data order; every optimizer sees the same batches in "
+            "the same order"
+        )
 
     def build_model(self) -> nn.Module:
         """A fresh model; called right after ``torch.manual_seed(seed)``."""
@@ -239,7 +250,7 @@ def train_run(
         train = record["train"]["loss"][-20:]
         text = f"loss {sum(train) / len(train):.3f}" if train else ""
         if eval_key and record["eval"].get(eval_key):
-            text += f"  held-out {eval_key} {record['eval'][eval_key][-1]:.3f}"
+            text += f"  {task.eval_prefix}{eval_key} {record['eval'][eval_key][-1]:.3f}"
         return text
 
     bar = ProgressBar(spec.run_id, spec.steps, start=start, enabled=progress and world.main)
@@ -247,6 +258,7 @@ def train_run(
         bar.update(start, postfix())
     t_start = time.perf_counter() - float(record["wall_time_s"])
     last_save = time.perf_counter()
+    unwarmed_on_purpose = spec.optimizer == "ademamix" and spec.options.get("schedulers") is False
     for step in range(start, spec.steps):
         lr = lr_at(step, peak=spec.peak_lr, total=spec.steps, warmup=spec.warmup)
         for group in optimizer.param_groups:
@@ -258,7 +270,12 @@ def train_run(
         loss.backward()
         if spec.clip:
             torch.nn.utils.clip_grad_norm_(params, spec.clip)
-        optimizer.step()
+        if unwarmed_on_purpose and step == start:  # the schedulers experiment's point: no warning about it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AdEMAMixWarmupWarning)
+                optimizer.step()
+        else:
+            optimizer.step()
         done = step + 1
         requested = interrupt.step_done() if interrupt is not None else False
         value, stop = step_totals(float(loss.detach()), requested, world)

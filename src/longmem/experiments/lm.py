@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from ._compare import comparison_table, comparison_verdict, difference_figure, loss_figure
 from ._lm import LM_CHOICES, LM_DEFAULTS, LM_OPTIONS, lm_task_from_config
 from ._optim import ademamix_beta3_for
-from ._report import ReportContent, group_runs, over_seeds
+from ._report import ReportContent, Table, group_runs, over_seeds
 from ._runner import Experiment, Plan
 
 __all__ = ["DemoExperiment", "LMExperiment"]
@@ -69,8 +69,8 @@ class LMExperiment(Experiment):
         )
         beta3 = self.ademamix_options(cfg)["beta3"]
         setup += [
-            f"Steps: {steps} per run, {task.tokens_per_step()} tokens per step "
-            f"({steps * task.tokens_per_step() / 1e6:.2f}M tokens per run)",
+            f"Steps: {steps} per run, {task.tokens_per_step()} bytes per step "
+            f"({steps * task.tokens_per_step() / 1e6:.2f}M bytes per run)",
             f"lr schedule (every optimizer): linear warm-up over {warmup} steps to {cfg['lr']:g}, cosine "
             f"decay to 10% at the last step; weight decay {WEIGHT_DECAY} (decoupled), gradient clipping at "
             f"norm {CLIP}",
@@ -82,24 +82,35 @@ class LMExperiment(Experiment):
         optimizers = self.optimizer_table(cfg, cfg["optimizers"], self.ademamix_options(cfg), WEIGHT_DECAY)
         return Plan({"main": task}, runs, setup, optimizers)
 
+    def results_table(
+        self, cfg: dict[str, Any], groups: dict[str, list[dict[str, Any]]], bytes_per_step: int
+    ) -> tuple[Table, dict[str, Any]]:
+        """The report's table of the runs in ``groups`` and the numbers behind it."""
+        steps = int(cfg["steps"])
+        return comparison_table(
+            groups,
+            reference=REFERENCE,
+            steps=steps,
+            note=f"Losses in nats per byte, {over_seeds(len(self.seeds(cfg)))}; "
+            "final train loss: mean over the last 5% of the steps. Steps are out of "
+            f"{steps} ({bytes_per_step} bytes each), read off the held-out curve (evaluated every "
+            f"{self.eval_every(cfg)} steps, interpolated); 'never' means not within the run. Every "
+            f"optimizer's lr follows the same cosine schedule over all {steps} steps, so a run planned to "
+            "end sooner could do better by then: the step counts overstate the saving.",
+        )
+
+    def table_from_json(self, payload: dict[str, Any]) -> Table:
+        """The report's results table again, from the JSON the run wrote: the same numbers and rounding."""
+        groups = group_runs(payload["runs"].values())
+        return self.results_table(payload["config"], groups, payload["summary"]["tokens_per_step"])[0]
+
     def summarize(
         self, cfg: dict[str, Any], plan: Plan, records: dict[str, dict[str, Any]], out: Path
     ) -> ReportContent:
         groups = group_runs(records[s.run_id] for s in plan.runs)
         steps = int(cfg["steps"])
         tokens = plan.tasks["main"].tokens_per_step()  # type: ignore[attr-defined]
-        n = len(self.seeds(cfg))
-        table, per_group = comparison_table(
-            groups,
-            reference=REFERENCE,
-            steps=steps,
-            note=f"Losses in nats per byte, {over_seeds(n)}; "
-            "final train loss: mean over the last 5% of the steps. Steps are out of "
-            f"{steps} ({tokens} tokens each), read off the held-out curve (evaluated every "
-            f"{self.eval_every(cfg)} steps, interpolated); 'never' means not within the run. Both runs "
-            "follow the same cosine schedule, so a run planned for fewer steps could do better by then: "
-            "the step counts overstate the saving.",
-        )
+        table, per_group = self.results_table(cfg, groups, tokens)
         figures = [loss_figure(groups, out, "loss_curves.png", f"{self.title} ({cfg['corpus']})")]
         diff = difference_figure(groups, out, "loss_vs_adamw.png", reference=REFERENCE)
         if diff is not None:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from ._compare import final_eval
 from ._lm import LM_CHOICES, LM_DEFAULTS, LM_OPTIONS, lm_task_from_config
-from ._optim import OPTIMIZERS, optimizer_label
+from ._optim import OPTIMIZERS, lr_setting, optimizer_label
 from ._report import (
     Figure,
     ReportContent,
@@ -134,7 +134,10 @@ class LRSensitivityExperiment(Experiment):
             ),
         ]
         optimizers = [
-            (OPTIMIZERS[k].label, OPTIMIZERS[k].describe(cfg["lr"], steps, 0.0, {}))
+            (
+                OPTIMIZERS[k].label,
+                f"base {lr_setting(k, base)}; {OPTIMIZERS[k].describe(base, steps, 0.0, {})}",
+            )
             for k in cfg["optimizers"]
         ]
         return Plan({"main": task}, runs, setup, optimizers)

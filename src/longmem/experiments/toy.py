@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._compare import final_eval, group_color
-from ._optim import OPTIMIZERS
+from ._optim import OPTIMIZERS, lr_setting
 from ._report import (
     Figure,
     ReportContent,
@@ -34,6 +34,8 @@ __all__ = ["RosenbrockTask", "ToyExperiment", "rosenbrock"]
 START = (-1.5, 2.0)
 JITTER = 0.2  # each seed starts at START + JITTER * N(0, I)
 SGD_LR_SCALE = 0.1  # SGD's lr relative to the others' here: its usual 100x diverges at once on Rosenbrock
+SGD_LR_REASON = "its usual 100x diverges at once on Rosenbrock"
+ADEMAMIX_OPTIONS = {"alpha": 8.0, "beta3": 0.999}
 TARGET = 1e-3
 
 
@@ -52,6 +54,10 @@ class RosenbrockTask(Task):
     """The 'model' is the point (x, y); the probe records it after every step."""
 
     name = "rosenbrock"
+    eval_prefix = ""  # f and the distance to the minimum: there is no held-out data
+
+    def seed_note(self) -> str:
+        return "a seed fixes the starting point, the same for every optimizer; f has no data and no noise"
 
     def build_model(self) -> nn.Module:
         start = torch.tensor(START, dtype=torch.float64) + JITTER * torch.randn(2, dtype=torch.float64)
@@ -100,30 +106,39 @@ class ToyExperiment(Experiment):
         "warmup": 0.0,
         "eval_every": None,
     }
+    option_help: ClassVar[dict[str, str]] = {
+        "lr": f"peak lr of the adaptive optimizers (SGD: {SGD_LR_SCALE:g}x, as {SGD_LR_REASON}; "
+        "Simplified AdEMAMix: its authors' rescaling)",
+        "eval_every": "steps between evaluations of f (default: steps / 20)",
+    }
     default_out = "runs/toy"
 
     def plan(self, cfg: dict[str, Any]) -> Plan:
         steps = int(cfg["steps"])
         warmup = self.warmup_steps(cfg)
         runs = self.optimizer_runs(
-            cfg, {"sgd": {"lr_scale": SGD_LR_SCALE}, "ademamix": {"options": {"alpha": 8.0, "beta3": 0.999}}}
+            cfg, {"sgd": {"lr_scale": SGD_LR_SCALE}, "ademamix": {"options": ADEMAMIX_OPTIONS}}
         )
         task = RosenbrockTask()
+        lrs = [
+            lr_setting(key, cfg["lr"], SGD_LR_SCALE, SGD_LR_REASON)
+            if key == "sgd"
+            else lr_setting(key, cfg["lr"])
+            for key in cfg["optimizers"]
+        ]
         setup = [
             f"Function: {task.describe()}",
-            f"Steps: {steps}; lr {cfg['lr']:g} for every optimizer (SGD: {cfg['lr'] * SGD_LR_SCALE:g}, "
-            "since its usual 100x diverges at once here), "
-            + (f"warm-up over {warmup} steps, " if warmup else "")
-            + "cosine decay to 10%; no weight decay",
+            f"Steps: {steps}; "
+            + (f"warm-up over {warmup} steps, then " if warmup else "no warm-up, ")
+            + "cosine decay to 10% of each optimizer's peak lr (below); no weight decay",
         ]
-        optimizers = []
-        for key in cfg["optimizers"]:
-            info = OPTIMIZERS[key]
-            scale = SGD_LR_SCALE if key == "sgd" else info.lr_scale
-            opts = {"alpha": 8.0, "beta3": 0.999}
-            optimizers.append(
-                (info.label, f"lr {cfg['lr'] * scale:.3g}; " + info.describe(cfg["lr"], steps, 0.0, opts))
+        optimizers = [
+            (
+                OPTIMIZERS[key].label,
+                f"{lr}; " + OPTIMIZERS[key].describe(cfg["lr"], steps, 0.0, ADEMAMIX_OPTIONS),
             )
+            for key, lr in zip(cfg["optimizers"], lrs, strict=True)
+        ]
         return Plan({"main": task}, runs, setup, optimizers)
 
     def summarize(
@@ -208,7 +223,8 @@ class ToyExperiment(Experiment):
         axes[1].set_yscale("log")
         axes[1].set_xlabel("step")
         axes[1].set_ylabel("f(x, y)")
-        axes[1].set_title("f against step (mean over starts; shading min-max)")
+        seeds = max(len(recs) for recs in groups.values())
+        axes[1].set_title("f against step" + (" (mean over starts; shading min-max)" if seeds > 1 else ""))
         handles, names = axes[0].get_legend_handles_labels()
         fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=9)
         fig.tight_layout(rect=(0, 0.07, 1, 1))
