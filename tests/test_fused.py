@@ -441,19 +441,9 @@ TRITON_INTERPRETER_SCRIPT = r"""
 import torch
 import longmem
 from longmem import kernels
-from longmem.kernels import cuda, program
+from longmem.kernels import cuda
 
-
-def via_triton(rule, params, grads, buffers, steps, *, maximize):
-    # kernels.run_fused, with the CPU tensors sent to the Triton kernel (run by the interpreter)
-    names = [n for n, t in buffers.items() if t is not None]
-    absent = [n for n, t in buffers.items() if t is None]
-    state = [buffers[n] for n in names]
-    return cuda.run_step(lambda t: program.trace(rule, t, names, absent), params, grads, state, steps,
-                         range(len(params)), maximize, warn=print)
-
-
-kernels.run_fused = via_triton
+kernels.run_fused = cuda.run_all  # the CPU tensors go to the Triton kernel, run by the interpreter
 cases = [
     ("AdEMAMix", dict(weight_decay=0.1, alpha_warmup=5, beta3_warmup=5, maximize=True)),
     ("AdEMAMix", dict(betas=(0.0, 0.999, 0.9999))),
