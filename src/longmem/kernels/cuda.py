@@ -229,6 +229,24 @@ def _block_tables(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor
     return tables
 
 
+_pointers: dict[tuple, Tensor] = {}
+
+
+def _pointer_table(addresses: list[int], device: torch.device) -> Tensor:
+    """The tensors' data pointers as an int64 tensor on ``device``, kept while they stay the same (a
+    step's tensors usually do). A new table is copied from pinned memory without blocking: a copy
+    from pageable memory would synchronize the host with the GPU at every launch."""
+    key = (device, tuple(addresses))
+    table = _pointers.get(key)
+    if table is None:
+        host = torch.tensor(addresses, dtype=torch.int64, pin_memory=device.type == "cuda")
+        table = host.to(device, non_blocking=True)
+        if len(_pointers) > 64:
+            _pointers.clear()
+        _pointers[key] = table
+    return table
+
+
 def run_step(
     trace: Callable[[float], Program],
     params: Sequence[Tensor],
@@ -309,7 +327,7 @@ def launch(
     numels = tuple(p.numel() * _VIEWS[p.dtype][1] for p in params)
     numel, block_tensor, block_start = _block_tables(numels, device)
     addresses = [x.data_ptr() for row in rows for x in row]
-    ptrs = torch.tensor(addresses, dtype=torch.int64).to(device)
+    ptrs = _pointer_table(addresses, device)
     # (a CPU device only under Triton's interpreter, TRITON_INTERPRET=1, which the tests use)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[(len(block_tensor),)](
