@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -511,6 +512,31 @@ def test_triton_kernel_in_interpreter(tmp_path):
     result = subprocess.run([sys.executable, "-c", TRITON_INTERPRETER_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Triton's own compiler (it needs no GPU) takes every optimizer's generated kernel for sm_90
+    (H100/H200) to a cubin, with IEEE division and square root, no multiply-add contracted beyond
+    the explicit fma, and 128-bit loads and stores on aligned full blocks: what the interpreter
+    cannot check. The same checks as benchmarks/gpu_acceptance.py's pieces section."""
+    pytest.importorskip("triton")
+    import inspect
+    import os
+    import sys
+
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("compile_ahead needs Triton >= 3.3")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1: Triton's language is the interpreter's")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import gpu_acceptance
+    finally:
+        sys.path.pop(0)
+    ok, detail = gpu_acceptance.aot_checks(list(gpu_acceptance.NAMES))
+    assert ok, detail
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
