@@ -77,11 +77,9 @@ _EXPR = {
     "tl.fma({s} - 1.0 + tl.zeros_like({a}), {b} - {a}, {b}))",
 }
 
-_TRITON_DTYPES: dict[torch.dtype, Callable[[Any], Any]] = {
-    torch.float32: lambda tl: tl.float32,
-    torch.bfloat16: lambda tl: tl.bfloat16,
-    torch.float16: lambda tl: tl.float16,
-}
+#: the Triton dtypes of the parameters and gradients, written into each kernel's source (a
+#: ``tl.constexpr`` dtype argument cannot make a pointer type before Triton 3.1 or so)
+_TRITON_DTYPES = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16"}
 #: parameter/gradient dtype -> (dtype the kernel sees, float values per element)
 _VIEWS = {
     torch.float32: (torch.float32, 1),
@@ -102,10 +100,19 @@ def available() -> bool:
     return True
 
 
-def kernel_source(program: Program, fast_path: bool | None = None) -> str:
-    """Python source of the ``@triton.jit`` kernel that runs ``program`` (see the module docstring);
-    ``fast_path`` defaults to ``FULL_BLOCK_FAST_PATH``."""
+def kernel_source(
+    program: Program,
+    p_dtype: torch.dtype = torch.float32,
+    g_dtype: torch.dtype | None = None,
+    *,
+    fast_path: bool | None = None,
+) -> str:
+    """Python source of the ``@triton.jit`` kernel that runs ``program`` on parameters of (the
+    kernel's view of) ``p_dtype`` and gradients of ``g_dtype`` (default: ``p_dtype``); see the module
+    docstring. ``fast_path`` defaults to ``FULL_BLOCK_FAST_PATH``."""
     fast_path = FULL_BLOCK_FAST_PATH if fast_path is None else fast_path
+    p_ty = _TRITON_DTYPES[p_dtype]
+    g_ty = _TRITON_DTYPES[p_dtype if g_dtype is None else g_dtype]
     n_mem = program.n_mem
     scalars = [f"s{k}" for k in range(len(program.code))]
     lines = [
@@ -119,15 +126,14 @@ def kernel_source(program: Program, fast_path: bool | None = None) -> str:
         "@triton.jit",
         "def kernel(PTRS, NUMEL, BLOCK_TENSOR, BLOCK_START, n_tensors, "
         + "".join(f"{s}, " for s in scalars)
-        + "MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, P_TY: tl.constexpr, G_TY: tl.constexpr, "
-        "BLOCK: tl.constexpr):",
+        + "MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):",
         "    pid = tl.program_id(0)",
         "    t = tl.load(BLOCK_TENSOR + pid)",
         "    start = tl.multiple_of(tl.load(BLOCK_START + pid), BLOCK)",
         "    offs = start + tl.arange(0, BLOCK)",
         "    numel = tl.load(NUMEL + t)",
-        "    ptr0 = tl.load(PTRS + t).to(tl.pointer_type(P_TY))",
-        "    ptr1 = tl.load(PTRS + n_tensors + t).to(tl.pointer_type(G_TY))",
+        f"    ptr0 = tl.load(PTRS + t).to(tl.pointer_type({p_ty}))",
+        f"    ptr1 = tl.load(PTRS + n_tensors + t).to(tl.pointer_type({g_ty}))",
     ]
     lines += [
         f"    ptr{k} = tl.load(PTRS + {k} * n_tensors + t).to(tl.pointer_type(tl.float32))"
@@ -150,7 +156,7 @@ def kernel_source(program: Program, fast_path: bool | None = None) -> str:
             expr = _EXPR[OP_NAMES[op]].format(a=f"v{a}", b=f"v{b}", c=f"v{c}", s=f"s{k}")
             out.append(f"v{d} = {expr}")
         for k in program.written():
-            value = 'v0.to(P_TY, fp_downcast_rounding="rtne")' if k == 0 else f"v{k}"
+            value = f'v0.to({p_ty}, fp_downcast_rounding="rtne")' if k == 0 else f"v{k}"
             out.append(f"tl.store(ptr{k} + offs, {value}{store})")
         return [indent + line for line in out]
 
@@ -171,16 +177,16 @@ _lock = threading.Lock()
 _modules: dict[tuple, ModuleType] = {}
 
 
-def _kernel(program: Program) -> Any:
-    """The generated Triton kernel for ``program``'s signature (written to a file: Triton reads
-    a kernel's source)."""
-    key = (program.signature(), FULL_BLOCK_FAST_PATH)
+def _kernel(program: Program, p_dtype: torch.dtype, g_dtype: torch.dtype) -> Any:
+    """The generated Triton kernel for ``program``'s signature and the dtypes (written to a file:
+    Triton reads a kernel's source)."""
+    key = (program.signature(), p_dtype, g_dtype, FULL_BLOCK_FAST_PATH)
     module = _modules.get(key)
     if module is None:
         with _lock:
             module = _modules.get(key)
             if module is None:
-                source = kernel_source(program, FULL_BLOCK_FAST_PATH)
+                source = kernel_source(program, p_dtype, g_dtype, fast_path=FULL_BLOCK_FAST_PATH)
                 digest = hashlib.sha256(source.encode()).hexdigest()[:20]
                 path = cache_dir() / "triton" / f"longmem_prog_{digest}.py"
                 if not path.exists():
@@ -320,9 +326,7 @@ def launch(
 ) -> None:
     """One launch of ``program``'s kernel over the tensors in ``rows`` (parameters, gradients, then
     each state buffer), all on ``device``, the parameters ``p_dtype`` and the gradients ``g_dtype``."""
-    import triton.language as tl
-
-    kernel = _kernel(program)
+    kernel = _kernel(program, p_dtype, g_dtype)
     params = rows[0]
     numels = tuple(p.numel() * _VIEWS[p.dtype][1] for p in params)
     numel, block_tensor, block_start = _block_tables(numels, device)
@@ -339,8 +343,6 @@ def launch(
             *program.scalars,
             MAXIMIZE=bool(maximize),
             ALIGNED=all(address % ALIGNMENT == 0 for address in addresses),
-            P_TY=_TRITON_DTYPES[p_dtype](tl),
-            G_TY=_TRITON_DTYPES[g_dtype](tl),
             BLOCK=BLOCK,
             **COMPILE_OPTIONS,
         )
@@ -360,29 +362,33 @@ def compile_ahead(
     """Compile ``program``'s kernel with Triton's own compiler for CUDA compute capability
     ``capability`` (90: H100/H200), as a launch would, and return its code by stage (``"ttir"``,
     ``"ptx"``, ``"cubin"``, ...). Needs no GPU (Triton ships ``ptxas``): it checks what the
-    interpreter cannot (the real lowering, the instructions chosen). Triton 3.3 or later."""
-    import triton.language as tl
+    interpreter cannot (the real lowering, the instructions chosen)."""
+    import inspect
+
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
     from triton.runtime.jit import JITFunction
 
-    g_dtype = p_dtype if g_dtype is None else g_dtype
-    kernel = _kernel(program)
+    p_view = _VIEWS[p_dtype][0]
+    kernel = _kernel(program, p_view, _VIEWS[p_dtype if g_dtype is None else g_dtype][0])
     if not isinstance(kernel, JITFunction):  # under TRITON_INTERPRET=1: the function it interprets
         kernel = JITFunction(kernel.fn)
-    signature: dict[str, str] = {
-        "PTRS": "*i64", "NUMEL": "*i64", "BLOCK_TENSOR": "*i32", "BLOCK_START": "*i64", "n_tensors": "i32",
-    }  # fmt: skip
-    signature.update({f"s{k}": "fp32" for k in range(len(program.code))})
-    constants = {
-        "MAXIMIZE": bool(maximize),
-        "ALIGNED": bool(aligned),
-        "P_TY": _TRITON_DTYPES[_VIEWS[p_dtype][0]](tl),
-        "G_TY": _TRITON_DTYPES[_VIEWS[g_dtype][0]](tl),
-        "BLOCK": BLOCK,
+    types = {
+        "PTRS": "*i64",
+        "NUMEL": "*i64",
+        "BLOCK_TENSOR": "*i32",
+        "BLOCK_START": "*i64",
+        "n_tensors": "i32",
     }
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    constants = {"MAXIMIZE": bool(maximize), "ALIGNED": bool(aligned), "BLOCK": BLOCK}
+    names = list(kernel.arg_names)
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3: arguments by name
+        signature = {name: "constexpr" if name in constants else types.get(name, "fp32") for name in names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    else:  # older: by position, constants apart
+        signature = {i: types.get(name, "fp32") for i, name in enumerate(names) if name not in constants}
+        by_index = {names.index(name): value for name, value in constants.items()}
+        source = ASTSource(fn=kernel, signature=signature, constants=by_index)
     compiled = triton_compile(source, target=GPUTarget("cuda", capability, 32), options=dict(COMPILE_OPTIONS))
     return dict(compiled.asm)
