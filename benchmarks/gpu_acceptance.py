@@ -20,18 +20,20 @@ run cut off at its time limit still leaves what it did (``OUT/log.txt`` has ever
    list of tensors (0-d, 0-element, odd sizes, one non-contiguous, one larger than the lean state's
    4M-element chunk on CUDA), each compared with the float64 re-statement of tests/reference.py and
    with the same run on CPU (on CPU: the ``triton`` cells with the C kernel's run).
-3. **compile**: ``torch.compile`` of the step (inductor), against eager and the reference.
-4. **timing** (CUDA only): every fused step on GPT-2 small's and a 1.2B-parameter (Llama-3.2-1B)
+3. **timing** (CUDA only): every fused step on GPT-2 small's and a 1.2B-parameter (Llama-3.2-1B)
    list of tensors, against ``torch.optim.AdamW(fused=True)`` timed interleaved step by step, and
    against the HBM bandwidth bound measured in the same run (a device-to-device copy); lean state,
    the kernel without its vectorized full-block path, and bitsandbytes' AdEMAMix8bit if it imports.
+4. **compile**: ``torch.compile`` of the step (inductor), against eager and the reference (last:
+   its compilations take an open-ended time).
 
 Exit status: 0 every check ran and passed; 1 a correctness check failed or crashed; 2 none failed but
 some did not run within ``--budget`` (rerun with a larger one, or fewer ``--sections``). Timing
 targets are reported (met / missed), never an exit status. Nothing is installed or downloaded; it
 runs with whatever torch (>= 2.4) and Triton are there (a fused CUDA cell that cannot run its Triton
-kernel fails). Defaults: ``--budget`` 450 s on CUDA (the run stays under 8 minutes on an H100/H200,
-Triton's compilations included), 170 s on CPU.
+kernel fails). Defaults: ``--budget`` 420 s on CUDA (the run stays under 8 minutes on an H100/H200,
+Triton's compilations included: a section stops starting work at its share of the budget, and a
+compile cell needs 45 s left), 170 s on CPU.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["AdEMAMix", "SimplifiedAdEMAMix", "AdaMod", "DiffGrad", "DiffMod"]
-SECTIONS = ["pieces", "matrix", "compile", "timing"]
+#: in the order they run: timing before compile, whose compilations take an open-ended time
+SECTIONS = ["pieces", "matrix", "timing", "compile"]
+#: a compile cell starts only with this much of the budget left (one compilation can take a minute)
+COMPILE_CELL_S = 45.0
 PATHS_CUDA = ["fused", "foreach", "single"]
 PATHS_CPU = ["triton", "fused", "foreach", "single"]
 
@@ -82,6 +87,8 @@ TOL_LEAN = {"bf16": 0.05, "8bit": 0.25}
 #: param_rounding="stochastic": the regression slope of the displacement on the unrounded
 #: reference's must be within this of 1 (round-to-nearest stalls updates below half an ulp)
 TOL_STOCHASTIC_SLOPE = 0.1
+#: ... and between two stochastically rounded runs (device and CPU): as for lean state
+TOL_STOCHASTIC_CROSS = 0.25
 #: the compiled step against the eager step (float32, relative to the displacement)
 TOL_COMPILED = 1e-5
 
@@ -237,7 +244,7 @@ class Report:
             lines += [f"- {r['section']}: {r['check']}: {r['status']}: {r['detail']}" for r in failures[:60]]
             if len(failures) > 60:
                 lines.append(f"- ... and {len(failures) - 60} more (acceptance.json)")
-        lines += self._pieces_md() + self._matrix_md() + self._compile_md() + self._timing_md()
+        lines += self._pieces_md() + self._matrix_md() + self._timing_md() + self._compile_md()
         return "\n".join(lines) + "\n"
 
     def _notes_md(self, section: str) -> list[str]:
@@ -540,9 +547,12 @@ def compare(
     f64 = [x.double() for x in got]
     want64 = [x.double() for x in want]
     start64 = [x.double() for x in start]
-    if lean == "stochastic":
+    if lean == "stochastic" and kind == "reference":
         err = slope_error(f64, want64, start64)
         return Verdict(err <= TOL_STOCHASTIC_SLOPE, f"|slope-1| {err:.3g} (<= {TOL_STOCHASTIC_SLOPE})")
+    if lean == "stochastic":  # two noisy runs: a slope would be diluted by the cross run's own noise
+        err = relative_norm_error(f64, want64, start64)
+        return Verdict(err <= TOL_STOCHASTIC_CROSS, f"{err:.3g} (<= {TOL_STOCHASTIC_CROSS})")
     if lean in TOL_LEAN:
         err = relative_norm_error(f64, want64, start64)
         return Verdict(err <= TOL_LEAN[lean], f"{err:.3g} (<= {TOL_LEAN[lean]})")
@@ -1285,7 +1295,7 @@ def section_compile(ctx: Context) -> None:
             "variant": variant,
             "path": cell_path,
         }
-        if ctx.time_left("compile") <= 0:
+        if ctx.time_left("compile") < COMPILE_CELL_S:
             row.update(status="not run", detail="budget", seconds=0)
             report.add("compile", row)
             continue
@@ -1361,28 +1371,6 @@ def section_compile(ctx: Context) -> None:
 # ---- timing (CUDA) ----------------------------------------------------------------------------------
 
 
-def gpt2_shapes() -> list[tuple[int, ...]]:
-    """GPT-2 small (124M parameters in 148 tensors)."""
-    d, vocab, ctx_len, layers = 768, 50257, 1024, 12
-    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx_len, d)]
-    for _ in range(layers):
-        shapes += [
-            (d,),
-            (d,),
-            (d, 3 * d),
-            (3 * d,),
-            (d, d),
-            (d,),
-            (d,),
-            (d,),
-            (d, 4 * d),
-            (4 * d,),
-            (4 * d, d),
-            (d,),
-        ]
-    return [*shapes, (d,), (d,)]
-
-
 def llama_1b_shapes() -> list[tuple[int, ...]]:
     """Llama-3.2-1B (1.24B parameters in 146 tensors: tied embedding, grouped-query attention)."""
     d, vocab, layers, ffn, kv = 2048, 128256, 16, 8192, 512
@@ -1392,7 +1380,17 @@ def llama_1b_shapes() -> list[tuple[int, ...]]:
     return [*shapes, (d,)]
 
 
-WORKLOADS = {"gpt2": gpt2_shapes, "llama-1b": llama_1b_shapes}
+def _step_speed() -> Any:
+    """benchmarks/step_speed.py (GPT-2 small's shapes; the bytes a step moves)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import step_speed
+    finally:
+        sys.path.pop(0)
+    return step_speed
+
+
+WORKLOADS = {"gpt2": lambda: _step_speed().gpt2_shapes(), "llama-1b": llama_1b_shapes}
 
 
 def copy_bandwidth(torch: Any, nbytes: int = 1 << 30, repeats: int = 20) -> float:
@@ -1411,20 +1409,6 @@ def copy_bandwidth(torch: Any, nbytes: int = 1 << 30, repeats: int = 20) -> floa
             best = min(best, start.elapsed_time(end) / 1e3)
     del src, dst
     return 2 * nbytes / best
-
-
-def bytes_per_step(opt: Any) -> int:
-    """Parameter read and write, gradient read, every parameter-sized state tensor read and write."""
-    total = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            total += 2 * p.numel() * p.element_size() + p.grad.numel() * p.grad.element_size()
-            for value in opt.state[p].values():
-                if hasattr(value, "shape") and tuple(value.shape) == tuple(p.shape) and value.dim() > 0:
-                    total += 2 * value.numel() * value.element_size()
-    return total
 
 
 def count_syncs(torch: Any, step: Callable[[], Any]) -> int:
@@ -1550,7 +1534,7 @@ def section_timing(ctx: Context) -> None:
         ref.step()
         torch.cuda.synchronize()
         ref_row["first"] = time.perf_counter() - t_start
-        ref_row["nbytes"] = bytes_per_step(ref)
+        ref_row["nbytes"] = _step_speed().bytes_per_step(ref)
         ref_row["syncs"] = count_syncs(torch, ref.step)
         rows: list[dict[str, Any]] = [ref_row]
         entry = {"params": n, "tensors": len(params), "rows": rows}
@@ -1567,7 +1551,7 @@ def section_timing(ctx: Context) -> None:
                 opt = make(params)
                 measured = time_row(torch, opt, ref, repeats)
                 row.update(measured)
-                row["nbytes"] = bytes_per_step(opt)
+                row["nbytes"] = _step_speed().bytes_per_step(opt)
                 row["syncs"] = count_syncs(torch, opt.step)
                 ref_row["times"] += measured["ref_times"]
                 del opt
@@ -1683,10 +1667,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget",
         type=float,
         default=None,
-        help="seconds for the whole run (default 450 on CUDA, 170 on CPU); checks that do not "
+        help="seconds for the whole run (default 420 on CUDA, 170 on CPU); checks that do not "
         "fit are reported as not run (exit status 2)",
     )
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS)
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=None,
+        help="default: all on CUDA; on CPU all but compile (inductor's CPU compilations take a minute "
+        "each on a small machine; tests of issue 13 cover them)",
+    )
     parser.add_argument("--optimizers", nargs="+", choices=NAMES, default=NAMES)
     parser.add_argument(
         "--paths",
@@ -1724,12 +1715,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))  # tests/reference.py, the float64 re-statement
     device = torch.device(device_name)
     quick = args.quick
-    budget = args.budget or (450.0 if device_name == "cuda" else 170.0)
+    budget = args.budget or (420.0 if device_name == "cuda" else 170.0)
     t0 = time.monotonic()
     # each section must finish by its deadline; what a section leaves over goes to the next ones
-    shares = {"pieces": 0.08, "matrix": 0.60, "compile": 0.80, "timing": 1.0}
+    shares = {"pieces": 0.08, "matrix": 0.55, "timing": 0.75, "compile": 1.0}
+    if args.sections is None:
+        args.sections = SECTIONS if device_name == "cuda" else [s for s in SECTIONS if s != "compile"]
     if device_name == "cpu":  # the interpreter makes the pieces slow; no timing section
-        shares = {"pieces": 0.30, "matrix": 0.85, "compile": 1.0, "timing": 1.0}
+        matrix_until = 0.6 if "compile" in args.sections else 0.95
+        shares = {"pieces": 0.30, "matrix": matrix_until, "timing": matrix_until, "compile": 1.0}
     deadlines = {s: t0 + budget * f for s, f in shares.items()}
     if device_name == "cuda":
         shapes: list[tuple[int, ...]] = [(), (0,), (1,), (7,), (33, 65), (100, 103), (4097, 1024)]

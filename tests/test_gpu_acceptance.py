@@ -134,3 +134,33 @@ def test_timing_figures_and_targets_from_raw_times(tmp_path):
     assert "| bitsandbytes AdEMAMix8bit | - | 8bit | ImportError |" in summary
     assert "| AdEMAMix 8-bit state <= 0.85x torch fused AdamW (llama-1b) | 2.00x | MISSED |" in summary
     assert json.loads((tmp_path / "acceptance.json").read_text())["timing"]["targets"][0]["verdict"] == "met"
+
+
+def test_stochastic_rounding_check_tells_it_from_nearest():
+    """The check for param_rounding="stochastic" (cells that appear once an optimizer takes it): on
+    made-up bf16 trajectories whose steps are below half an ulp, stochastic rounding follows the
+    float64 path (slope 1), round-to-nearest stalls (slope 0) and fails."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_acceptance as ga
+    finally:
+        sys.path.pop(0)
+    gen = torch.Generator().manual_seed(0)
+    start = (torch.rand(100_000, generator=gen) + 1.0).to(torch.bfloat16)  # in [1, 2): ulp 2^-7
+    exact, nearest, stochastic = start.double(), start.clone(), start.clone()
+    for _ in range(30):
+        step = torch.full((100_000,), 2.0**-10, dtype=torch.float64)  # an eighth of an ulp
+        exact = exact + step
+        nearest = (nearest.double() + step).to(torch.bfloat16)
+        below = stochastic.double() + step
+        down = below.to(torch.bfloat16)
+        down = torch.where(down.double() > below, (down.double() - 2.0**-7).to(torch.bfloat16), down)
+        up = (down.double() + 2.0**-7).to(torch.bfloat16)
+        p_up = (below - down.double()) / 2.0**-7
+        stochastic = torch.where(torch.rand(100_000, generator=gen, dtype=torch.float64) < p_up, up, down)
+    ok = ga.compare("reference", [stochastic], [exact], [start], "stochastic", torch.bfloat16, 30)
+    stalled = ga.compare("reference", [nearest], [exact], [start], "stochastic", torch.bfloat16, 30)
+    assert ok.ok and not stalled.ok, (ok.text, stalled.text)
+    assert bool((nearest == start).all())  # the stall the check is there for

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .cpu import bump_versions, cache_dir
-from .program import OP_NAMES, Program, trace
+from .program import OP_NAMES, Program
 
 #: elements per program instance
 BLOCK = 1024
@@ -303,12 +303,9 @@ def run_all(
     """``longmem.kernels.run_fused`` with every tensor sent to the Triton kernel, CPU tensors included:
     put in its place under Triton's interpreter (``TRITON_INTERPRET=1``), it runs the CUDA kernel's
     code on CPU (tests/test_fused.py, benchmarks/gpu_acceptance.py). Returns what it left."""
-    names = [name for name, tensors in buffers.items() if tensors is not None]
-    absent = [name for name, tensors in buffers.items() if tensors is None]
-    state: list[Sequence[Tensor]] = [buffers[name] for name in names]  # type: ignore[misc]
+    from . import prepare  # (the package imports this module lazily)
 
-    def traced(t: float) -> Program:
-        return trace(rule, t, names, absent)
+    traced, state = prepare(rule, buffers)
 
     def warn(kind: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
