@@ -1037,7 +1037,7 @@ def mixed_group_probe(ctx: Context) -> tuple[bool, str]:
     base[-1] = base[-1].t()
     worst = []
     with on_triton(ctx.device.type == "cpu"):
-        for name in NAMES:
+        for name in ctx.args.optimizers:
             a = _as_params(base, ctx.device)
             b = _as_params(base, ctx.device)
             opt_a = getattr(longmem, name)(a, lr=1e-2, weight_decay=0.1, fused=True)
@@ -1706,6 +1706,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    src = ROOT / "src"
+    if (src / "longmem").is_dir() and str(src) not in sys.path:
+        sys.path.insert(0, str(src))  # this checkout's longmem, whether or not it is installed
     import torch
 
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
