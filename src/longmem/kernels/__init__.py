@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import cpu, program
 
-__all__ = ["FusedFallbackWarning", "advance_steps", "run_fused"]
+__all__ = ["FusedFallbackWarning", "advance_steps", "prepare", "run_fused"]
 
 
 class FusedFallbackWarning(UserWarning):
@@ -74,6 +74,21 @@ def advance_steps(state_steps: Sequence[Tensor], params: Sequence[Tensor]) -> li
     return cpu.advance_steps(lib, state_steps)
 
 
+def prepare(
+    rule: Callable[..., None], buffers: Mapping[str, Sequence[Tensor] | None]
+) -> tuple[Callable[[float], program.Program], list[Sequence[Tensor]]]:
+    """The step's tracer (step ``t`` -> the program ``rule`` runs) and the state buffers it keeps, in
+    the program's slot order."""
+    names = [name for name, tensors in buffers.items() if tensors is not None]
+    absent = [name for name, tensors in buffers.items() if tensors is None]
+    state: list[Sequence[Tensor]] = [buffers[name] for name in names]  # type: ignore[misc]
+
+    def trace(t: float) -> program.Program:
+        return program.trace(rule, t, names, absent)
+
+    return trace, state
+
+
 def run_fused(
     rule: Callable[..., None],
     params: Sequence[Tensor],
@@ -87,13 +102,7 @@ def run_fused(
 
     Returns the indices of the parameters it left for the caller's foreach path.
     """
-    names = [name for name, tensors in buffers.items() if tensors is not None]
-    absent = [name for name, tensors in buffers.items() if tensors is None]
-    state: list[Sequence[Tensor]] = [buffers[name] for name in names]  # type: ignore[misc]
-
-    def trace(t: float) -> program.Program:
-        return program.trace(rule, t, names, absent)
-
+    trace, state = prepare(rule, buffers)
     on_cpu: list[int] = []
     on_cuda: list[int] = []
     left: list[int] = []

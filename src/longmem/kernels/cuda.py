@@ -6,13 +6,23 @@ step that shares the parameter and gradient dtypes: each program instance takes 
 tensor, found through a table of data pointers (multi-tensor apply, as torch's fused AdamW does),
 so a step is a handful of launches rather than one per tensor. Values are float32 in registers;
 bf16/fp16 parameters are rounded back to nearest even. Division and square root are the IEEE ones
-(``div_rn``, ``sqrt_rn``), and fused multiply-adds are explicit where the CPU kernel has them.
+(``div_rn``, ``sqrt_rn``), and fused multiply-adds are explicit where the CPU kernel has them: the
+kernels are compiled with ``enable_fp_fusion=False``, so Triton contracts no other multiply and add
+(its default contracts them, and Triton 3.10 changes that default; the C kernel builds with
+``-ffp-contract=off``). ``sigmoid``'s ``tl.exp`` is the GPU's ``ex2.approx`` (a few ulps).
+
+Memory access: a block that lies wholly inside its tensor is loaded and stored without a mask, and
+when every pointer of a launch is 16-byte aligned the kernel is told so (``ALIGNED``), so that Triton
+emits 128-bit loads and stores; a tensor's last, partial block takes the masked code
+(``FULL_BLOCK_FAST_PATH``; without it, every access is a masked 32-bit one).
 
 Triton is not a dependency of longmem (it comes with torch's CUDA wheels on Linux). Without it,
 ``fused=True`` on CUDA warns once and runs the foreach path.
 
 Status: written for CUDA but verified only with Triton's CPU interpreter (``TRITON_INTERPRET=1``,
-see tests/test_fused.py); no GPU was available when it was written.
+see tests/test_fused.py) and compiled ahead of time for sm_90 by Triton's own compiler
+(:func:`compile_ahead`, no GPU needed); no GPU was available when it was written.
+``benchmarks/gpu_acceptance.py`` checks and times it on a GPU in one command.
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ import hashlib
 import importlib.util
 import os
 import threading
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +45,13 @@ from .program import OP_NAMES, Program
 
 #: elements per program instance
 BLOCK = 1024
+#: full blocks take unmasked (and, when aligned, vectorized) loads and stores; False: every access is
+#: masked (the first version; kept switchable so that a GPU run can time both)
+FULL_BLOCK_FAST_PATH = True
+#: pointer alignment (bytes) that lets Triton use 128-bit accesses
+ALIGNMENT = 16
+#: options of every compilation: no contraction of multiplies and adds beyond the explicit tl.fma
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 # Triton expressions of the operations (codes as in program.py), float32 in and out.
 _EXPR = {
@@ -58,11 +76,9 @@ _EXPR = {
     "lerp_hi": "tl.fma({s} - 1.0 + tl.zeros_like({a}), {b} - {a}, {b})",
 }
 
-_TRITON_DTYPES: dict[torch.dtype, Callable[[Any], Any]] = {
-    torch.float32: lambda tl: tl.float32,
-    torch.bfloat16: lambda tl: tl.bfloat16,
-    torch.float16: lambda tl: tl.float16,
-}
+#: the Triton dtypes of the parameters and gradients, written into each kernel's source (a
+#: ``tl.constexpr`` dtype argument cannot make a pointer type before Triton 3.1 or so)
+_TRITON_DTYPES = {torch.float32: "tl.float32", torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16"}
 #: parameter/gradient dtype -> (dtype the kernel sees, float values per element)
 _VIEWS = {
     torch.float32: (torch.float32, 1),
@@ -83,8 +99,19 @@ def available() -> bool:
     return True
 
 
-def kernel_source(program: Program) -> str:
-    """Python source of the ``@triton.jit`` kernel that runs ``program`` (see the module docstring)."""
+def kernel_source(
+    program: Program,
+    p_dtype: torch.dtype = torch.float32,
+    g_dtype: torch.dtype | None = None,
+    *,
+    fast_path: bool | None = None,
+) -> str:
+    """Python source of the ``@triton.jit`` kernel that runs ``program`` on parameters of (the
+    kernel's view of) ``p_dtype`` and gradients of ``g_dtype`` (default: ``p_dtype``); see the module
+    docstring. ``fast_path`` defaults to ``FULL_BLOCK_FAST_PATH``."""
+    fast_path = FULL_BLOCK_FAST_PATH if fast_path is None else fast_path
+    p_ty = _TRITON_DTYPES[p_dtype]
+    g_ty = _TRITON_DTYPES[p_dtype if g_dtype is None else g_dtype]
     n_mem = program.n_mem
     scalars = [f"s{k}" for k in range(len(program.code))]
     lines = [
@@ -98,31 +125,50 @@ def kernel_source(program: Program) -> str:
         "@triton.jit",
         "def kernel(PTRS, NUMEL, BLOCK_TENSOR, BLOCK_START, n_tensors, "
         + "".join(f"{s}, " for s in scalars)
-        + "MAXIMIZE: tl.constexpr, P_TY: tl.constexpr, G_TY: tl.constexpr, BLOCK: tl.constexpr):",
+        + "MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):",
         "    pid = tl.program_id(0)",
         "    t = tl.load(BLOCK_TENSOR + pid)",
-        "    offs = tl.load(BLOCK_START + pid) + tl.arange(0, BLOCK)",
-        "    mask = offs < tl.load(NUMEL + t)",
-        "    ptr0 = tl.load(PTRS + t).to(tl.pointer_type(P_TY))",
-        "    ptr1 = tl.load(PTRS + n_tensors + t).to(tl.pointer_type(G_TY))",
+        "    start = tl.multiple_of(tl.load(BLOCK_START + pid), BLOCK)",
+        "    offs = start + tl.arange(0, BLOCK)",
+        "    numel = tl.load(NUMEL + t)",
+        f"    ptr0 = tl.load(PTRS + t).to(tl.pointer_type({p_ty}))",
+        f"    ptr1 = tl.load(PTRS + n_tensors + t).to(tl.pointer_type({g_ty}))",
     ]
     lines += [
         f"    ptr{k} = tl.load(PTRS + {k} * n_tensors + t).to(tl.pointer_type(tl.float32))"
         for k in range(2, n_mem)
     ]
-    lines += [
-        "    v0 = tl.load(ptr0 + offs, mask=mask, other=0.0).to(tl.float32)",
-        "    v1 = tl.load(ptr1 + offs, mask=mask, other=0.0).to(tl.float32)",
-        "    if MAXIMIZE:",
-        "        v1 = -v1",
-    ]
-    lines += [f"    v{k} = tl.load(ptr{k} + offs, mask=mask, other=0.0)" for k in range(2, n_mem)]
-    for k, (op, d, a, b, c) in enumerate(program.code):
-        expr = _EXPR[OP_NAMES[op]].format(a=f"v{a}", b=f"v{b}", c=f"v{c}", s=f"s{k}")
-        lines.append(f"    v{d} = {expr}")
-    for k in program.written():
-        value = 'v0.to(P_TY, fp_downcast_rounding="rtne")' if k == 0 else f"v{k}"
-        lines.append(f"    tl.store(ptr{k} + offs, {value}, mask=mask)")
+    lines.append("    if ALIGNED:")
+    lines += [f"        ptr{k} = tl.multiple_of(ptr{k}, {ALIGNMENT})" for k in range(n_mem)]
+
+    def body(indent: str, masked: bool) -> list[str]:
+        load = ", mask=mask, other=0.0" if masked else ""
+        store = ", mask=mask" if masked else ""
+        out = [
+            f"v0 = tl.load(ptr0 + offs{load}).to(tl.float32)",
+            f"v1 = tl.load(ptr1 + offs{load}).to(tl.float32)",
+            "if MAXIMIZE:",
+            "    v1 = -v1",
+        ]
+        out += [f"v{k} = tl.load(ptr{k} + offs{load})" for k in range(2, n_mem)]
+        for k, (op, d, a, b, c) in enumerate(program.code):
+            expr = _EXPR[OP_NAMES[op]].format(a=f"v{a}", b=f"v{b}", c=f"v{c}", s=f"s{k}")
+            out.append(f"v{d} = {expr}")
+        for k in program.written():
+            value = f'v0.to({p_ty}, fp_downcast_rounding="rtne")' if k == 0 else f"v{k}"
+            out.append(f"tl.store(ptr{k} + offs, {value}{store})")
+        return [indent + line for line in out]
+
+    if fast_path:
+        # a block wholly inside its tensor: no mask, so that accesses can be vectorized
+        lines.append("    if start + BLOCK <= numel:")
+        lines += body("        ", masked=False)
+        lines.append("    else:")
+        lines.append("        mask = offs < numel")
+        lines += body("        ", masked=True)
+    else:
+        lines.append("    mask = offs < numel")
+        lines += body("    ", masked=True)
     return "\n".join(lines) + "\n"
 
 
@@ -130,16 +176,16 @@ _lock = threading.Lock()
 _modules: dict[tuple, ModuleType] = {}
 
 
-def _kernel(program: Program) -> Any:
-    """The generated Triton kernel for ``program``'s signature (written to a file: Triton reads
-    a kernel's source)."""
-    key = program.signature()
+def _kernel(program: Program, p_dtype: torch.dtype, g_dtype: torch.dtype) -> Any:
+    """The generated Triton kernel for ``program``'s signature and the dtypes (written to a file:
+    Triton reads a kernel's source)."""
+    key = (program.signature(), p_dtype, g_dtype, FULL_BLOCK_FAST_PATH)
     module = _modules.get(key)
     if module is None:
         with _lock:
             module = _modules.get(key)
             if module is None:
-                source = kernel_source(program)
+                source = kernel_source(program, p_dtype, g_dtype, fast_path=FULL_BLOCK_FAST_PATH)
                 digest = hashlib.sha256(source.encode()).hexdigest()[:20]
                 path = cache_dir() / "triton" / f"longmem_prog_{digest}.py"
                 if not path.exists():
@@ -188,6 +234,24 @@ def _block_tables(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor
     return tables
 
 
+_pointers: dict[tuple, Tensor] = {}
+
+
+def _pointer_table(addresses: list[int], device: torch.device) -> Tensor:
+    """The tensors' data pointers as an int64 tensor on ``device``, kept while they stay the same (a
+    step's tensors usually do). A new table is copied from pinned memory without blocking: a copy
+    from pageable memory would synchronize the host with the GPU at every launch."""
+    key = (device, tuple(addresses))
+    table = _pointers.get(key)
+    if table is None:
+        host = torch.tensor(addresses, dtype=torch.int64, pin_memory=device.type == "cuda")
+        table = host.to(device, non_blocking=True)
+        if len(_pointers) > 64:
+            _pointers.clear()
+        _pointers[key] = table
+    return table
+
+
 def run_step(
     trace: Callable[[float], Program],
     params: Sequence[Tensor],
@@ -226,6 +290,28 @@ def run_step(
     return rejected
 
 
+def run_all(
+    rule: Callable[..., None],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    buffers: Mapping[str, Sequence[Tensor] | None],
+    steps: Sequence[float],
+    *,
+    maximize: bool,
+) -> list[int]:
+    """``longmem.kernels.run_fused`` with every tensor sent to the Triton kernel, CPU tensors included:
+    put in its place under Triton's interpreter (``TRITON_INTERPRET=1``), it runs the CUDA kernel's
+    code on CPU (tests/test_fused.py, benchmarks/gpu_acceptance.py). Returns what it left."""
+    from . import prepare  # (the package imports this module lazily)
+
+    traced, state = prepare(rule, buffers)
+
+    def warn(kind: str, message: str) -> None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    return run_step(traced, params, grads, state, steps, range(len(params)), maximize, warn=warn)
+
+
 def launch(
     program: Program,
     rows: Sequence[Sequence[Tensor]],
@@ -236,13 +322,14 @@ def launch(
 ) -> None:
     """One launch of ``program``'s kernel over the tensors in ``rows`` (parameters, gradients, then
     each state buffer), all on ``device``, the parameters ``p_dtype`` and the gradients ``g_dtype``."""
-    import triton.language as tl
-
-    kernel = _kernel(program)
+    kernel = _kernel(program, p_dtype, g_dtype)
     params = rows[0]
     numels = tuple(p.numel() * _VIEWS[p.dtype][1] for p in params)
     numel, block_tensor, block_start = _block_tables(numels, device)
-    ptrs = torch.tensor([x.data_ptr() for row in rows for x in row], dtype=torch.int64).to(device)
+    if not len(block_tensor):  # only empty tensors: nothing to do (and a CUDA grid cannot be empty)
+        return
+    addresses = [x.data_ptr() for row in rows for x in row]
+    ptrs = _pointer_table(addresses, device)
     # (a CPU device only under Triton's interpreter, TRITON_INTERPRET=1, which the tests use)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[(len(block_tensor),)](
@@ -253,9 +340,53 @@ def launch(
             len(params),
             *program.scalars,
             MAXIMIZE=bool(maximize),
-            P_TY=_TRITON_DTYPES[p_dtype](tl),
-            G_TY=_TRITON_DTYPES[g_dtype](tl),
+            ALIGNED=all(address % ALIGNMENT == 0 for address in addresses),
             BLOCK=BLOCK,
+            **COMPILE_OPTIONS,
         )
     # written through raw pointers: tell autograd, as an in-place torch operation would
     bump_versions(params)
+
+
+def compile_ahead(
+    program: Program,
+    p_dtype: torch.dtype = torch.float32,
+    g_dtype: torch.dtype | None = None,
+    *,
+    maximize: bool = False,
+    aligned: bool = True,
+    capability: int = 90,
+) -> dict[str, Any]:
+    """Compile ``program``'s kernel with Triton's own compiler for CUDA compute capability
+    ``capability`` (90: H100/H200), as a launch would, and return its code by stage (``"ttir"``,
+    ``"ptx"``, ``"cubin"``, ...). Needs no GPU (Triton ships ``ptxas``): it checks what the
+    interpreter cannot (the real lowering, the instructions chosen)."""
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+    from triton.runtime.jit import JITFunction
+
+    p_view = _VIEWS[p_dtype][0]
+    kernel = _kernel(program, p_view, _VIEWS[p_dtype if g_dtype is None else g_dtype][0])
+    if not isinstance(kernel, JITFunction):  # under TRITON_INTERPRET=1: the function it interprets
+        kernel = JITFunction(kernel.fn)
+    types = {
+        "PTRS": "*i64",
+        "NUMEL": "*i64",
+        "BLOCK_TENSOR": "*i32",
+        "BLOCK_START": "*i64",
+        "n_tensors": "i32",
+    }
+    constants = {"MAXIMIZE": bool(maximize), "ALIGNED": bool(aligned), "BLOCK": BLOCK}
+    names = list(kernel.arg_names)
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # Triton >= 3.3: arguments by name
+        signature = {name: "constexpr" if name in constants else types.get(name, "fp32") for name in names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    else:  # older: by position, constants apart
+        signature = {i: types.get(name, "fp32") for i, name in enumerate(names) if name not in constants}
+        by_index = {names.index(name): value for name, value in constants.items()}
+        source = ASTSource(fn=kernel, signature=signature, constants=by_index)
+    compiled = triton_compile(source, target=GPUTarget("cuda", capability, 32), options=dict(COMPILE_OPTIONS))
+    return dict(compiled.asm)
