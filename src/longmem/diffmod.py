@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
+from . import _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
@@ -33,11 +34,17 @@ def _check_len_memory(value: Any) -> None:
 
 
 def _resolve_memory(len_memory: float | None, beta3: float | None) -> tuple[float | None, float]:
-    """``(len_memory, beta3)`` from the one given: exactly one of the two, or neither (1000 steps)."""
+    """``(len_memory, beta3)`` from the one given, or neither (1000 steps). Both only as this
+    function returns them, ``beta3 == 1 - 1 / len_memory``: an optimizer's ``defaults`` (or a
+    group) passed back whole, ``DiffMod(params, **opt.defaults)``, rebuilds the same optimizer."""
     if len_memory is not None and beta3 is not None:
+        _check_len_memory(len_memory)
+        if beta3 == 1.0 - 1.0 / len_memory:
+            return len_memory, beta3
         raise ValueError(
-            f"give either len_memory (>= 1) or beta3 (in [0, 1)), not both; got len_memory={len_memory!r}, "
-            f"beta3={beta3!r}"
+            "give either len_memory (>= 1) or beta3 (in [0, 1)), or both only with "
+            f"beta3 = 1 - 1 / len_memory; got len_memory={len_memory!r}, beta3={beta3!r} "
+            f"(1 - 1 / len_memory = {1.0 - 1.0 / len_memory!r})"
         )
     if beta3 is not None:
         check.check_beta("beta3", beta3)
@@ -162,7 +169,13 @@ def diffmod(
 ) -> None:
     """Functional DiffMod step (see :class:`DiffMod`)."""
     rule = partial(
-        adamod_rule, lr=float(lr), beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay
+        adamod_rule,
+        lr=_scalars.learning_rate(lr),
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
+        eps=eps,
+        weight_decay=weight_decay,
     )
     run_rule(
         rule,
