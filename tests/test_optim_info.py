@@ -316,6 +316,17 @@ def _weight_bias(contiguous: bool, dtype=torch.float32):
     )
 
 
+def _train(optimizer, schedulers, weight, bias, inpt, steps=20):
+    """``steps`` steps on ``(weight @ inpt + bias)^2`` with the LR schedulers; (first, last) loss."""
+    closure = functools.partial(_fwd_bwd, optimizer, weight, bias, inpt)
+    initial = closure().item()
+    for _ in range(steps):
+        loss = optimizer.step(closure)
+        for scheduler in schedulers:
+            scheduler.step(loss) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
+    return initial, closure().item()
+
+
 @pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("with_lrsched", [True, False])
 @optims
@@ -328,20 +339,7 @@ def test_forloop_goes_right_direction(optim_info, contiguous, with_lrsched):
             inpt = torch.randn(5)
             optimizer = optim_info.optim_cls([weight, bias], **optim_input.kwargs)
             schedulers = [s(optimizer) for s in (schedulers_constructor or [])]
-
-            def closure(optimizer=optimizer, weight=weight, bias=bias, inpt=inpt):
-                optimizer.zero_grad()
-                loss = (weight.mv(inpt) + bias).pow(2).sum()
-                loss.backward()
-                return loss
-
-            initial = closure().item()
-            for _ in range(20):
-                loss = closure()
-                optimizer.step()
-                for scheduler in schedulers:
-                    scheduler.step(loss) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
-            final = closure().item()
+            initial, final = _train(optimizer, schedulers, weight, bias, inpt)
             if optim_input.kwargs.get("maximize", False):
                 assert final > initial, optim_input.desc
             else:
@@ -356,19 +354,8 @@ def test_param_group_with_lrscheduler_goes_right_direction(optim_info):
         inpt = torch.randn(5)
         optimizer = optim_info.optim_cls([{"params": [weight]}, {"params": [bias], "lr": 0.01}])
         schedulers = [scheduler_c(optimizer) for scheduler_c in schedulers_c]
-
-        def closure(optimizer=optimizer, weight=weight, bias=bias, inpt=inpt):
-            optimizer.zero_grad()
-            loss = (weight.mv(inpt) + bias).pow(2).sum()
-            loss.backward()
-            return loss
-
-        initial = closure().item()
-        for _ in range(20):
-            loss = optimizer.step(closure)
-            for scheduler in schedulers:
-                scheduler.step(loss) if isinstance(scheduler, ReduceLROnPlateau) else scheduler.step()
-        assert closure().item() < initial
+        initial, final = _train(optimizer, schedulers, weight, bias, inpt)
+        assert final < initial
 
 
 @optims
@@ -775,16 +762,27 @@ def test_save_load_equality_with_weights_only(optim_info):
         torch.testing.assert_close(weight_c, weight, rtol=0, atol=0)
 
 
-@optims
-def test_load_nontensor_step(optim_info):
-    """Steps saved as Python numbers (torch < 1.12) load as the 0-d float32 tensors the optimizer keeps."""
+def _stepped(optim_info, optim_input, params, steps=3):
+    """The optimizer of ``optim_input`` after ``steps`` steps on the gradients ``params`` hold."""
+    optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
+    for _ in range(steps):
+        optimizer.step()
+    return optimizer
+
+
+def _params_with_grads():
     params = [Parameter(torch.randn(2, 3)) for _ in range(2)]
     for p in params:
         p.grad = torch.rand_like(p)
+    return params
+
+
+@optims
+def test_load_nontensor_step(optim_info):
+    """Steps saved as Python numbers (torch < 1.12) load as the 0-d float32 tensors the optimizer keeps."""
+    params = _params_with_grads()
     for optim_input in all_inputs(optim_info):
-        optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
-        for _ in range(3):
-            optimizer.step()
+        optimizer = _stepped(optim_info, optim_input, params)
         state_dict = deepcopy(optimizer.state_dict())
         for p_state in state_dict["state"].values():
             p_state["step"] = p_state["step"].item()
@@ -902,13 +900,9 @@ def test_step_hooks(optim_info):
 
 @optims
 def test_deepcopy_copies_all_public_attrs(optim_info):
-    params = [Parameter(torch.randn(2, 3)) for _ in range(2)]
-    for p in params:
-        p.grad = torch.rand_like(p)
+    params = _params_with_grads()
     for optim_input in all_inputs(optim_info):
-        optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
-        for _ in range(3):
-            optimizer.step()
+        optimizer = _stepped(optim_info, optim_input, params)
 
         def public(obj):
             return {k for k in obj.__dict__ if not k.startswith("_")}

@@ -49,7 +49,10 @@ FORMAT_VERSION = 1
 COMMON_ARGS_DOC = """foreach: multi-tensor implementation (default: where the device has native kernels).
         maximize: maximize the objective instead of minimizing it.
         fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
-            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
+            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding. For
+            float32, bfloat16, float16 and complex64 parameters on CPU or CUDA: ``True`` on others
+            raises ``RuntimeError`` at the step (as torch.optim's); ``None`` picks foreach/single.
+            Under ``torch.compile`` every path is the compiler's fused trace of the same rule.
         nonfinite: a step whose gradients hold NaN or Inf: ``"ignore"`` (default: no check, as
             torch.optim), ``"skip"`` (nothing changes) or ``"raise"`` (an error naming the parameter).
             The check reads every gradient once, one host sync per step; measured on CPU (2 threads,

@@ -154,6 +154,21 @@ def adamod_rule(
         ops.addcmul_(p, eta, exp_avg, value=-1.0)
 
 
+def bound_rule(
+    lr: float | Tensor, beta1: float, beta2: float, beta3: float, eps: float, weight_decay: float
+) -> Any:
+    """``adamod_rule`` with its hyperparameters bound (AdaMod's and DiffMod's functional steps)."""
+    return partial(
+        adamod_rule,
+        lr=_scalars.learning_rate(lr),
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
+
+
 def adamod(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -173,15 +188,7 @@ def adamod(
     maximize: bool = False,
 ) -> None:
     """Functional AdaMod step (see :class:`AdaMod`)."""
-    rule = partial(
-        adamod_rule,
-        lr=_scalars.learning_rate(lr),
-        beta1=beta1,
-        beta2=beta2,
-        beta3=beta3,
-        eps=eps,
-        weight_decay=weight_decay,
-    )
+    rule = bound_rule(lr, beta1, beta2, beta3, eps, weight_decay)
     run_rule(
         rule,
         params,

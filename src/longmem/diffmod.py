@@ -11,16 +11,14 @@ For step ``t`` (1-based), with AdaMod's ``m``, ``v``, ``eta`` and ``s``::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 from torch import Tensor
 
-from . import _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
-from .adamod import adamod_rule
+from .adamod import bound_rule
 
 __all__ = ["DiffMod", "diffmod"]
 
@@ -168,15 +166,7 @@ def diffmod(
     maximize: bool = False,
 ) -> None:
     """Functional DiffMod step (see :class:`DiffMod`)."""
-    rule = partial(
-        adamod_rule,
-        lr=_scalars.learning_rate(lr),
-        beta1=beta1,
-        beta2=beta2,
-        beta3=beta3,
-        eps=eps,
-        weight_decay=weight_decay,
-    )
+    rule = bound_rule(lr, beta1, beta2, beta3, eps, weight_decay)
     run_rule(
         rule,
         params,
