@@ -157,8 +157,8 @@ def simplified_ademamix_step(
     state["num_sum"] = w
     if bias_correction2:
         denom = torch.sqrt(nu / (1.0 - b2**t)) + eps
-    else:
-        denom = torch.sqrt(nu) + eps
+    else:  # SPEC: eps stays scaled by sqrt(1 - beta2^t); only the factor on the update is dropped
+        denom = torch.sqrt(nu) + eps * math.sqrt(1.0 - b2**t)
     update = (alpha * g + m) / denom
     if bias_correction1:
         update = update / w

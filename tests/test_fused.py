@@ -131,10 +131,10 @@ def test_fused_matches_foreach_low_precision(case, dtype):
 
 
 def test_mixed_dtypes_complex_and_leftovers_in_one_group():
-    """float32, bfloat16, float16 and complex64 parameters share a kernel call; float64 and a
-    non-contiguous parameter take the foreach path inside the fused step."""
-    shapes = [(1000,), (513,), (77,), (300,), (64,), (20, 30)]
-    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.complex64, torch.float64, torch.float32]
+    """float32, bfloat16, float16 and complex64 parameters share a kernel call; a non-contiguous
+    parameter takes the foreach path inside the fused step."""
+    shapes = [(1000,), (513,), (77,), (300,), (20, 30)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.complex64, torch.float32]
     gen = torch.Generator().manual_seed(3)
     base = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(shapes, dtypes, strict=True)]
     base[-1] = base[-1].t()  # non-contiguous
@@ -158,6 +158,34 @@ def test_mixed_dtypes_complex_and_leftovers_in_one_group():
             else:
                 torch.testing.assert_close(p, q)
         _state_close(opt_a, opt_b, a, b)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "device"), [(torch.float64, "cpu"), (torch.int64, "cpu"), (torch.float32, "meta")], ids=str
+)
+def test_explicit_fused_on_what_the_kernels_cannot_take_raises(dtype, device):
+    """As torch.optim's fused=True: a RuntimeError naming what fused supports, raised before anything
+    changes (no state, no parameter moved, no other group stepped); fused=None takes the best path."""
+    good = torch.nn.Parameter(torch.ones(4))
+    bad = torch.zeros(4, dtype=dtype, device=device)
+    bad.grad = torch.ones_like(bad)
+    good.grad = torch.ones_like(good)
+    opt = longmem.AdEMAMix([{"params": [good]}, {"params": [bad]}], fused=True)
+    with pytest.raises(
+        RuntimeError, match=r"`fused=True` requires all the params to be floating point Tensors"
+    ) as info:
+        opt.step()
+    assert str(dtype) in str(info.value) and "float32" in str(info.value) and device in str(info.value)
+    assert not opt.state[good] and not opt.state[bad] and torch.equal(good.detach(), torch.ones(4))
+    if dtype.is_floating_point and device == "cpu":
+        longmem.AdEMAMix([bad], fused=None).step()
+        assert not torch.equal(bad, torch.zeros(4, dtype=dtype))
+
+
+def test_fused_dtypes_are_the_kernels():
+    from longmem.kernels import cuda
+
+    assert set(cpu.DTYPE_CODES) == set(cuda._VIEWS) == kernels.FUSED_DTYPES
 
 
 def test_several_groups_tensor_lr_and_uneven_steps():

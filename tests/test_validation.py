@@ -130,14 +130,81 @@ def test_add_param_group_rejects(name, key, value):
     assert len(opt.param_groups) == 2
 
 
-def test_diffmod_len_memory_and_beta3_are_exclusive():
+def test_diffmod_len_memory_and_beta3_agree_or_raise():
+    """Both only when they say the same (beta3 = 1 - 1 / len_memory, as the optimizer derives it)."""
     with pytest.raises(ValueError, match="len_memory") as info:
-        longmem.DiffMod([_param()], len_memory=10, beta3=0.9)
-    assert "beta3" in str(info.value)
+        longmem.DiffMod([_param()], len_memory=10, beta3=0.5)
+    assert "beta3" in str(info.value) and "1 - 1 / len_memory = 0.9" in str(info.value)
     opt = longmem.DiffMod([_param()], len_memory=10)
     with pytest.raises(ValueError, match=r"len_memory|beta3"):
         opt.add_param_group({"params": [_param()], "len_memory": 5, "beta3": 0.5})
     assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [_param()], "len_memory": 5, "beta3": 0.8})
+    assert (opt.param_groups[1]["len_memory"], opt.param_groups[1]["beta3"]) == (5, 0.8)
+
+
+REBUILD_OPTIONS = {
+    "AdEMAMix": [{}, {"alpha_warmup": 100, "beta3_warmup": 200, "weight_decay": 0.1}],
+    "SimplifiedAdEMAMix": [{}, {"beta1_warmup": 50, "bias_correction1": True}],
+    "AdaMod": [{}, {"beta3": 0.9}],
+    "DiffGrad": [{}, {"weight_decay": 0.01}],
+    "DiffMod": [{}, {"len_memory": 10}, {"beta3": 0.5}],
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rebuilds_from_its_own_defaults_and_groups(name):
+    """``cls(params, **opt.defaults)`` (ZeRO-style wrappers, sweeps) and ``cls(opt.param_groups)``
+    build the same optimizer."""
+    cls = getattr(longmem, name)
+    for options in REBUILD_OPTIONS[name]:
+        opt = cls([_param()], **options)
+        again = cls([_param()], **opt.defaults)
+        assert again.defaults == opt.defaults
+        groups = cls([{**group, "params": [_param()]} for group in opt.param_groups])
+        assert [{k: v for k, v in g.items() if k != "params"} for g in groups.param_groups] == [
+            {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
+        ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_with_more_than_one_element_in_torch_words(name):
+    lr = torch.tensor([1e-3, 1e-3])
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element") as ours:
+        getattr(longmem, name)([_param()], lr=lr)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        torch.optim.AdamW([_param()], lr=lr)
+    assert "(2,)" in str(ours.value)  # and it says what it got
+
+
+def test_adamw_style_betas_say_what_to_pass():
+    with pytest.raises(ValueError, match=r"betas must be a tuple of 3 numbers") as info:
+        longmem.AdEMAMix([_param()], betas=(0.9, 0.99))
+    assert "betas=(0.9, 0.99, 0.9999)" in str(info.value) and "beta3" in str(info.value)
+    with pytest.raises(ValueError) as other:  # a wrong count that is not AdamW's: no such hint
+        longmem.AdEMAMix([_param()], betas=(0.9,))
+    assert "AdamW" not in str(other.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("AdEMAMix", "alpha_warmup"), ("AdEMAMix", "beta3_warmup"), ("SimplifiedAdEMAMix", "beta1_warmup")],
+)
+def test_integral_float_warmups_are_the_integer(name, key):
+    """``1000.0``, as scripts compute a warm-up from a fraction of the run, steps exactly as ``1000``."""
+    cls = getattr(longmem, name)
+    params = []
+    for warmup in (7, 7.0):
+        p = _param()
+        opt = cls([p], lr=1e-3, **{key: warmup})
+        for t in range(10):
+            p.grad = torch.full((3,), 0.1 * (t + 1))
+            opt.step()
+        params.append(p.detach())
+    assert torch.equal(params[0], params[1])
+    for bad in (7.5, math.inf, -7.0, 0.0):
+        with pytest.raises(ValueError, match=f"{key} must be None or a whole number >= 1"):
+            cls([_param()], **{key: bad})
 
 
 GOOD = {

@@ -49,7 +49,10 @@ FORMAT_VERSION = 1
 COMMON_ARGS_DOC = """foreach: multi-tensor implementation (default: where the device has native kernels).
         maximize: maximize the objective instead of minimizing it.
         fused: one pass over memory per step (``longmem.kernels``): a C kernel on CPU, built on
-            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding.
+            first use, a Triton kernel on CUDA; the foreach path's numbers to float rounding. For
+            float32, bfloat16, float16 and complex64 parameters on CPU or CUDA: ``True`` on others
+            raises ``RuntimeError`` at the step (as torch.optim's); ``None`` picks foreach/single.
+            Under ``torch.compile`` every path is the compiler's fused trace of the same rule.
         nonfinite: a step whose gradients hold NaN or Inf: ``"ignore"`` (default: no check, as
             torch.optim), ``"skip"`` (nothing changes) or ``"raise"`` (an error naming the parameter).
             The check reads every gradient once, one host sync per step; measured on CPU (2 threads,
@@ -62,6 +65,16 @@ COMMON_ARGS_DOC = """foreach: multi-tensor implementation (default: where the de
             (blockwise 8-bit codes with a float32 scale per 256 elements, stochastically rounded:
             about 1.02 bytes per element; tensors under 4096 elements stay float32). The update is
             computed in float32 either way; see README "Lean optimizer state"."""
+
+
+@torch.compiler.disable
+def _step_lean_group(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
+    """A group with lean state: decode, the same update, encode (``longmem._state_precision``).
+
+    Run eagerly under torch.compile too: its stochastic rounding draws from torch.Generators
+    seeded by the step count (so that a resumed run is bit-identical), which a compiled graph
+    cannot reproduce; the rest of a compiled step stays compiled around it."""
+    _state_precision.step_group(opt, group)
 
 
 class LongMemOptimizer(Optimizer):
@@ -121,14 +134,35 @@ class LongMemOptimizer(Optimizer):
         return self._buffers
 
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], dict[str, Any], list]:
-        """Parameters with a gradient, their gradients, state buffers (created lazily) and steps."""
-        name = type(self).__name__
-        kept = self._buffers_for(group)
+        """Parameters with a gradient, their gradients, state buffers (created lazily) and steps;
+        a buffer this group's configuration does not keep maps to None."""
         params: list[Tensor] = []
         grads: list[Tensor] = []
-        buffers: dict[str, list[Tensor] | None] = {b: ([] if b in kept else None) for b in self._buffers}
-        scalars: dict[str, list[Tensor]] = {s: [] for s in self._scalars}
         steps: list[Tensor] = []
+        names = (*self._buffers, *self._scalars)
+        lists: list[list[Tensor]] = [[] for _ in names]
+        self._init_group(group, params, grads, steps, *lists)
+        kept = (*self._buffers_for(group), *self._scalars)
+        return (
+            params,
+            grads,
+            {name: (x if name in kept else None) for name, x in zip(names, lists, strict=True)},
+            steps,
+        )
+
+    def _init_group(
+        self, group: dict[str, Any], params: list, grads: list, steps: list, *buffers: list
+    ) -> None:
+        """Fill the empty lists ``params``, ``grads``, ``steps`` and one per ``_buffers`` then
+        ``_scalars`` name (empty for a buffer the group does not keep) from the parameters of
+        ``group`` that have a gradient, creating their state on first use.
+
+        torch.optim's name and protocol: under torch.compile, dynamo runs this method eagerly
+        instead of tracing it (its ``OptimizerVariable``) and guards on the state it leaves, so the
+        first compiled graph is already the steady one (no recompile once the state exists)."""
+        name = type(self).__name__
+        kept = self._buffers_for(group)
+        by_name = dict(zip((*self._buffers, *self._scalars), buffers, strict=True))
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -142,13 +176,12 @@ class LongMemOptimizer(Optimizer):
             for b in kept:
                 if b not in state:  # new, or a buffer this group's settings started to need
                     state[b] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
-                buffers[b].append(state[b])  # type: ignore[union-attr]
+                by_name[b].append(state[b])
             params.append(p)
             grads.append(p.grad)
             steps.append(state["step"])
             for s in self._scalars:
-                scalars[s].append(state[s])
-        return params, grads, {**buffers, **scalars}, steps
+                by_name[s].append(state[s])
 
     def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         return default_foreach(params) if group["foreach"] is None else group["foreach"]
@@ -172,13 +205,19 @@ class LongMemOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # fused=True on parameters the kernels cannot take: an error before anything changes
+        for group in self.param_groups:
+            if group.get("fused"):
+                from . import kernels  # imported on first use: plain optimizers never load it
+
+                kernels.check_fused_params([p for p in group["params"] if p.grad is not None])
         # nonfinite="skip"/"raise": one check over every gradient before anything changes
         if not _nonfinite.grads_are_finite(type(self).__name__, self.param_groups):
             self.skipped_steps += 1
             return loss
         for group in self.param_groups:
             if self._lean_state or group.get("state_precision", "fp32") != "fp32":
-                _state_precision.step_group(self, group)  # decode, the same update, encode
+                _step_lean_group(self, group)
                 continue
             params, grads, state, steps = self._collect(group)
             if not params:

@@ -20,6 +20,12 @@ The driver also does the bookkeeping every optimizer shares:
   into short lists), so that its many elementwise passes hit the cache instead of main memory;
 * for ``fused``, hands the rule to ``longmem.kernels``, which traces it into a program that one
   kernel runs in a single pass over memory (the same float32 operations in the same order).
+
+Under ``torch.compile`` (``torch.compiler.is_compiling()``) the driver reads nothing back to the host:
+step counts stay tensors and reach the rule as float64 0-d tensors, the rule runs tensor by tensor
+with ``TracedOps`` (whose operations take those tensor scalars, rounded as eager kernels round), and
+every path (single, foreach, fused) is this one traced path, which inductor fuses into one kernel
+per tensor. See docs/API.md "torch.compile".
 """
 
 from __future__ import annotations
@@ -31,13 +37,16 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from . import _scalars
+
 Buffers = Mapping[str, "Sequence[Tensor] | None"]
 
 
 class Rule(Protocol):
-    """An update rule: mutates ``p`` and the state buffers in place for the 1-based step ``t``."""
+    """An update rule: mutates ``p`` and the state buffers in place for the 1-based step ``t`` (a
+    float, or under torch.compile a float64 0-d tensor)."""
 
-    def __call__(self, ops: Any, t: float, p: Any, g: Any, **buffers: Any) -> None: ...
+    def __call__(self, ops: Any, t: Any, p: Any, g: Any, **buffers: Any) -> None: ...
 
 
 class TensorOps:
@@ -120,6 +129,87 @@ class TensorOps:
         return x.clone()
 
 
+def _like(x: Tensor, y: float | Tensor) -> float | Tensor:
+    """A 0-d tensor scalar in ``x``'s dtype, as eager kernels round a Python scalar (a double) to
+    the dtype they compute in, and computed once per step; a Python number or a full tensor as it is.
+
+    Inductor inlines a 0-d computation into the elementwise loop of each consumer, so a bias
+    correction (``pow``, ``sqrt``, ``exp`` in float64) would be evaluated once per vector of
+    elements: measured 2x slower steps. A two-element stack is materialized before the loop."""
+    if not isinstance(y, Tensor) or y.dim() != 0:
+        return y
+    y = y.to(x.dtype)
+    return torch.stack((y, y))[0]
+
+
+def _fma(a: Any, b: Any, c: Tensor) -> Tensor:
+    """``a * b + c`` rounded once: inductor lowers this prim to an FMA instruction (a private
+    torch API; without it, rounded twice)."""
+    try:
+        from torch._inductor.inductor_prims import fma
+    except ImportError:  # pragma: no cover - a torch without it
+        return torch.add(torch.mul(a, b), c)
+    return fma(a, b, c)
+
+
+def _f32_like(x: Tensor, value: float) -> Tensor:
+    """A Python number as the 0-d tensor of ``x``'s dtype that eager kernels round it to."""
+    return torch.tensor(value, dtype=x.dtype)
+
+
+class TracedOps(TensorOps):
+    """``TensorOps`` whose scalars may also be 0-d tensors: what rules run under ``torch.compile``,
+    where step-dependent scalars are tensors (``longmem._scalars``).
+
+    Each operation is spelled out as torch's eager CPU kernels round it, so that the compiled step
+    computes eager's numbers: ``addcdiv`` as ``x + (value * a) / b`` (inductor's own lowering
+    computes ``value * (a / b)``), and the operations eager kernels fuse into FMAs as FMAs (inductor's
+    C++ code contracts nothing by itself): ``add`` with ``alpha`` as ``fma(alpha, y, x)``,
+    ``addcmul`` as ``fma(value * a, b, x)``, ``lerp`` as ``fma(w, y - x, x)`` for ``|w| < 0.5``, else
+    ``fma(w - 1, y - x, y)``."""
+
+    @staticmethod
+    def mul_(x: Tensor, y: float | Tensor) -> None:
+        x.mul_(_like(x, y))
+
+    @staticmethod
+    def add_(x: Tensor, y: Tensor, alpha: float | Tensor = 1.0) -> None:
+        x.copy_(TracedOps.add(x, y, alpha))
+
+    @staticmethod
+    def add(x: Tensor, y: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
+        if not isinstance(alpha, Tensor) and alpha == 1.0:
+            return torch.add(x, y)
+        return _fma(_like(y, alpha), y, x)
+
+    @staticmethod
+    def add_scalar_(x: Tensor, value: float | Tensor) -> None:
+        x.add_(_like(x, value))
+
+    @staticmethod
+    def addcmul_(x: Tensor, a: Tensor, b: Tensor, value: float | Tensor) -> None:
+        x.copy_(_fma(torch.mul(a, _like(a, value)), b, x))
+
+    @staticmethod
+    def addcdiv_(x: Tensor, a: Tensor, b: Tensor, value: float | Tensor) -> None:
+        x.add_(torch.mul(a, _like(a, value)).div_(b))
+
+    @staticmethod
+    def div_(x: Tensor, y: float | Tensor) -> None:
+        x.div_(_like(x, y))
+
+    @staticmethod
+    def div(x: Tensor, y: float | Tensor) -> Tensor:
+        return torch.div(x, _like(x, y))
+
+    @staticmethod
+    def lerp_(x: Tensor, y: Tensor, weight: float | Tensor) -> None:
+        # the weight as eager rounds it, its branch taken in the graph (a constant folds away)
+        w = _like(x, weight) if isinstance(weight, Tensor) else _f32_like(x, weight)
+        small = w.abs() < 0.5
+        x.copy_(_fma(torch.where(small, w, w - 1), torch.sub(y, x), torch.where(small, x, y)))
+
+
 class ListOps:
     """The same operations on lists of tensors, one ``torch._foreach_*`` call each."""
 
@@ -200,8 +290,21 @@ class ListOps:
         return [t.clone() for t in x]
 
 
+def mutable(t: Tensor) -> Tensor:
+    """``t``, or under ``torch.compile`` a one-element view of a 0-d ``t``, to update in place.
+
+    torch 2.13's compiler loses in-place updates made on a 0-d float64 graph input itself (its
+    value stays, and reads after the update see garbage; torch's own compiled AdamW leaves a 0-d
+    float64 parameter unchanged); updates through a view are kept."""
+    if t.dim() == 0 and torch.compiler.is_compiling():
+        return t.unsqueeze(0)
+    return t
+
+
 def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
+    """The tensor a rule updates: a complex one as pairs of reals (``torch.view_as_real``, as
+    torch.optim), a 0-d one under compile as a view (``mutable``)."""
+    return torch.view_as_real(t) if t.is_complex() else mutable(t)
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -287,6 +390,16 @@ def advance_steps(state_steps: Sequence[Tensor]) -> list[float]:
     return values
 
 
+def traced_steps(state_steps: Sequence[Tensor]) -> list[Tensor]:
+    """Under ``torch.compile``: increment every step counter and return the new values as float64
+    0-d tensors, never read back to the host (see ``longmem._scalars``)."""
+    values = []
+    for step in state_steps:
+        mutable(step).add_(1)
+        values.append(_scalars.step_scalar(step))
+    return values
+
+
 def run_rule(
     rule: Callable[..., None],
     params: Sequence[Tensor],
@@ -304,15 +417,25 @@ def run_rule(
     ``None`` for a buffer this configuration does not keep). The working precision of each
     parameter is the dtype of its state buffers. ``fused`` runs the rule in one pass over memory
     (``longmem.kernels``); what the fused kernels cannot take runs the foreach path.
+
+    Under ``torch.compile`` every path traces the rule tensor by tensor with step-dependent scalars
+    as tensors (no host reads, no ctypes calls, so no graph breaks), and the compiler fuses each
+    tensor's operations into one kernel: ``fused`` and ``foreach`` choose eager implementations only.
     """
     if not params:
         return
-    if _any_dtensor(params):
-        params, grads, buffers = _to_local(params, grads, buffers)
-    indices: Sequence[int] = range(len(params))
     if fused:
         from . import kernels  # imported on first use: plain optimizers never load it
 
+        kernels.check_fused_params(params)
+    if _any_dtensor(params):
+        params, grads, buffers = _to_local(params, grads, buffers)
+    indices: Sequence[int] = range(len(params))
+    if torch.compiler.is_compiling():
+        steps: Sequence[Any] = traced_steps(state_steps)
+        _apply(rule, params, grads, buffers, steps, indices, foreach=False, maximize=maximize, ops=TracedOps)
+        return
+    if fused:
         steps = kernels.advance_steps(state_steps, params) or advance_steps(state_steps)
         indices = kernels.run_fused(rule, params, grads, buffers, steps, maximize=maximize)
         foreach = True
@@ -377,13 +500,15 @@ def _apply(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     buffers: Buffers,
-    steps: Sequence[float],
+    steps: Sequence[Any],
     indices: Sequence[int],
     *,
     foreach: bool,
     maximize: bool,
+    ops: type[TensorOps] = TensorOps,
 ) -> None:
-    """Apply ``rule`` at the (already advanced) ``steps`` to the parameters at ``indices``."""
+    """Apply ``rule`` at the (already advanced) ``steps`` to the parameters at ``indices``; ``ops``
+    runs the single-tensor path (``TracedOps`` under torch.compile)."""
     names = [name for name, tensors in buffers.items() if tensors is not None]
     absent = {name: None for name, tensors in buffers.items() if tensors is None}
     reference = names[0]  # every rule keeps at least one full-size buffer
@@ -407,7 +532,7 @@ def _apply(
                 p, pw, g, state = work_tensors(piece)
                 if maximize:
                     g = torch.neg(g)
-                rule(TensorOps, steps[i], pw, g, **state, **absent)
+                rule(ops, steps[i], pw, g, **state, **absent)
                 if pw is not p:
                     p.copy_(pw)
         return

@@ -179,6 +179,13 @@ def grads_are_finite(owner: str, param_groups: Sequence[dict[str, Any]]) -> bool
     checked = [(i, g) for i, g in enumerate(param_groups) if g.get("nonfinite", DEFAULT) != "ignore"]
     if not checked:
         return True
+    return _check(owner, checked)
+
+
+# The verdict is a host read whichever way it is taken; under torch.compile the check runs eagerly
+# (one graph break, only where a group checks) and the step stays compiled around it.
+@torch.compiler.disable
+def _check(owner: str, checked: list[tuple[int, dict[str, Any]]]) -> bool:
     by_device, meshes = _gradients(checked)
     # the one host synchronization of a step whose gradients are finite
     if not _verdict(by_device, meshes, found_nonfinite):

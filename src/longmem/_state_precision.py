@@ -228,10 +228,12 @@ def is_code(value: Any) -> bool:
 
 def holds_lean_state(state: Any) -> bool:
     """Whether an optimizer's ``state`` holds a buffer in a lean form (8-bit codes or bfloat16: in
-    ``"fp32"`` mode the state of bf16 parameters is float32)."""
+    ``"fp32"`` mode the state of bf16 parameters is float32). Entries that are no parameter's
+    (what hooks or tools store, ``opt.state["key"] = value``) are skipped."""
     return any(
         isinstance(v, Tensor) and v.dtype in (*_CODE_DTYPES, torch.bfloat16) and v.dim() > 0
         for per_param in state.values()
+        if isinstance(per_param, dict)
         for v in per_param.values()
     )
 
@@ -556,7 +558,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in ``opt.state`` (buffers, scales, step counters)."""
     total = 0
     for value in opt.state.values():
-        for x in value.values():
+        for x in value.values() if isinstance(value, dict) else ():
             if isinstance(x, Tensor):
                 total += x.numel() * x.element_size()
     return total

@@ -20,8 +20,13 @@ from ._state_precision import check_mode as check_state_precision
 
 def _as_real(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise ValueError(f"{name} must be a real number or a one-element tensor, got {value!r}")
+        if value.numel() != 1:  # torch.optim's wording, which tools and tests match
+            raise ValueError(
+                f"Tensor {name} must be 1-element, got a tensor of shape {tuple(value.shape)}: "
+                f"give {name} as a number or a one-element tensor"
+            )
+        if value.is_complex():
+            raise ValueError(f"{name} must be a real number or a one-element real tensor, got {value!r}")
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
@@ -42,20 +47,37 @@ def check_beta(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
-def check_betas(value: Any, count: int) -> None:
-    """``betas``: a sequence of ``count`` numbers, each in [0, 1)."""
+def check_betas(value: Any, count: int, missing: Sequence[tuple[str, float]] = ()) -> None:
+    """``betas``: a sequence of ``count`` numbers, each in [0, 1). ``missing`` names the betas after
+    the first two, with a recommended value each, for the message when only two are given (AdamW's
+    form, as scripts written for AdamW pass)."""
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != count:
-        raise ValueError(f"betas must be a tuple of {count} numbers, each in [0, 1), got {value!r}")
+        hint = ""
+        if missing and isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+            names = ", ".join(name for name, _ in missing)
+            example = ", ".join(repr(v) for v in (*value, *(default for _, default in missing)))
+            hint = (
+                f"; two betas are AdamW's form: add {names} (the paper's value: "
+                f"{', '.join(f'{name}={default}' for name, default in missing)}), e.g. betas=({example})"
+            )
+        raise ValueError(f"betas must be a tuple of {count} numbers, each in [0, 1), got {value!r}{hint}")
     for i, beta in enumerate(value):
         check_beta(f"betas[{i}]", beta)
 
 
 def check_warmup(name: str, value: Any) -> None:
-    """A warm-up length in steps: ``None`` (no warm-up) or an integer >= 1."""
+    """A warm-up length in steps: ``None`` (no warm-up) or a whole number >= 1; an integral float
+    (``1000.0``, as scripts compute it from a fraction of the run) counts as the integer."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be None or an integer >= 1 (a number of steps), got {value!r}")
+    integral = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+    )
+    if isinstance(value, bool) or not integral or value < 1:
+        raise ValueError(
+            f"{name} must be None or a whole number >= 1 (a number of steps, e.g. 1000 or 1000.0), "
+            f"got {value!r}"
+        )
 
 
 def check_bool(name: str, value: Any) -> None:
@@ -76,10 +98,12 @@ def check_fused(fused: Any, foreach: Any) -> None:
         raise ValueError("fused=True and foreach=True cannot both be set; choose one (fused is one pass)")
 
 
-def check_common(group: dict[str, Any], beta_count: int) -> None:
-    """The hyperparameters every longmem optimizer has."""
+def check_common(
+    group: dict[str, Any], beta_count: int, missing_betas: Sequence[tuple[str, float]] = ()
+) -> None:
+    """The hyperparameters every longmem optimizer has (``missing_betas``: see ``check_betas``)."""
     check_nonnegative("lr", group["lr"])
-    check_betas(group["betas"], beta_count)
+    check_betas(group["betas"], beta_count, missing_betas)
     check_nonnegative("eps", group["eps"])
     check_nonnegative("weight_decay", group["weight_decay"])
     check_bool("maximize", group["maximize"])

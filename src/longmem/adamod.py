@@ -17,13 +17,13 @@ code uses 0.999 and decoupled decay, which is what this follows.)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 from torch import Tensor
 
+from . import _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
@@ -114,7 +114,7 @@ class AdaMod(LongMemOptimizer):
 
 def adamod_rule(
     ops: Any,
-    t: float,
+    t: Any,
     p: Any,
     g: Any,
     exp_avg: Any,
@@ -122,7 +122,7 @@ def adamod_rule(
     exp_avg_lr: Any,
     previous_grad: Any = None,
     *,
-    lr: float,
+    lr: Any,
     beta1: float,
     beta2: float,
     beta3: float,
@@ -138,7 +138,7 @@ def adamod_rule(
     eta = ops.sqrt(exp_avg_sq)
     ops.add_scalar_(eta, eps)
     ops.reciprocal_(eta)
-    ops.mul_(eta, lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+    ops.mul_(eta, lr * _scalars.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
     # not lerp: with eps = 0 a zero gradient makes eta infinite, and lerp(inf, inf) is NaN
     ops.mul_(exp_avg_lr, beta3)
     ops.add_(exp_avg_lr, eta, alpha=1.0 - beta3)
@@ -152,6 +152,21 @@ def adamod_rule(
         ops.addcmul_(p, eta, scaled_momentum, value=-1.0)
     else:
         ops.addcmul_(p, eta, exp_avg, value=-1.0)
+
+
+def bound_rule(
+    lr: float | Tensor, beta1: float, beta2: float, beta3: float, eps: float, weight_decay: float
+) -> Any:
+    """``adamod_rule`` with its hyperparameters bound (AdaMod's and DiffMod's functional steps)."""
+    return partial(
+        adamod_rule,
+        lr=_scalars.learning_rate(lr),
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
 
 
 def adamod(
@@ -173,9 +188,7 @@ def adamod(
     maximize: bool = False,
 ) -> None:
     """Functional AdaMod step (see :class:`AdaMod`)."""
-    rule = partial(
-        adamod_rule, lr=float(lr), beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay
-    )
+    rule = bound_rule(lr, beta1, beta2, beta3, eps, weight_decay)
     run_rule(
         rule,
         params,

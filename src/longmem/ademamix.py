@@ -13,7 +13,6 @@ https://arxiv.org/abs/2409.03137 (authors' code: apple/ml-ademamix). For step ``
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT, state_dtype
 from ._elementwise import default_foreach, run_rule
@@ -138,7 +138,7 @@ class AdEMAMix(LongMemOptimizer):
         return super().step(closure)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check.check_common(group, 3)
+        check.check_common(group, 3, missing_betas=[("beta3", 0.9999)])
         check.check_nonnegative("alpha", group["alpha"])
         check.check_warmup("beta3_warmup", group["beta3_warmup"])
         check.check_warmup("alpha_warmup", group["alpha_warmup"])
@@ -233,27 +233,27 @@ class AdEMAMix(LongMemOptimizer):
 
 def _ademamix_rule(
     ops: Any,
-    t: float,
+    t: Any,
     p: Any,
     g: Any,
     exp_avg_fast: Any,
     exp_avg_slow: Any,
     exp_avg_sq: Any,
     *,
-    lr: float,
+    lr: Any,
     beta1: float,
     beta2: float,
     beta3: float,
     alpha: float,
-    beta3_warmup: int | None,
-    alpha_warmup: int | None,
+    beta3_warmup: float | None,
+    alpha_warmup: float | None,
     eps: float,
     weight_decay: float,
 ) -> None:
     alpha_t = alpha_schedule(t, alpha, alpha_warmup)
     beta3_t = beta_halflife_schedule(t, beta1, beta3, beta3_warmup)
     bias_correction1 = 1.0 - beta1**t
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
+    bias_correction2_sqrt = _scalars.sqrt(1.0 - beta2**t)
 
     # The EMAs as lerps, m += (1 - beta) * (g - m): one pass over memory each instead of two.
     if exp_avg_fast is not None:
@@ -302,7 +302,7 @@ def ademamix(
     """Functional AdEMAMix step (see :class:`AdEMAMix`); ``exp_avg_fasts`` is None when beta1 == 0."""
     rule = partial(
         _ademamix_rule,
-        lr=float(lr),
+        lr=_scalars.learning_rate(lr),
         beta1=beta1,
         beta2=beta2,
         beta3=beta3,

@@ -16,13 +16,13 @@ aliased it, which pinned xi at 0.5).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 from torch import Tensor
 
+from . import _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
@@ -116,14 +116,14 @@ class DiffGrad(LongMemOptimizer):
 
 def _diffgrad_rule(
     ops: Any,
-    t: float,
+    t: Any,
     p: Any,
     g: Any,
     exp_avg: Any,
     exp_avg_sq: Any,
     previous_grad: Any,
     *,
-    lr: float,
+    lr: Any,
     beta1: float,
     beta2: float,
     eps: float,
@@ -139,7 +139,7 @@ def _diffgrad_rule(
 
     scaled_momentum = friction(ops, previous_grad, g)
     ops.mul_(scaled_momentum, exp_avg)
-    step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    step_size = lr * _scalars.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
     ops.addcdiv_(p, scaled_momentum, denom, value=-step_size)
 
 
@@ -161,7 +161,14 @@ def diffgrad(
     maximize: bool = False,
 ) -> None:
     """Functional diffGrad step (see :class:`DiffGrad`)."""
-    rule = partial(_diffgrad_rule, lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    rule = partial(
+        _diffgrad_rule,
+        lr=_scalars.learning_rate(lr),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
     run_rule(
         rule,
         params,

@@ -11,7 +11,6 @@ For step ``t`` (1-based), with AdaMod's ``m``, ``v``, ``eta`` and ``s``::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 from torch import Tensor
@@ -19,7 +18,7 @@ from torch import Tensor
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
-from .adamod import adamod_rule
+from .adamod import bound_rule
 
 __all__ = ["DiffMod", "diffmod"]
 
@@ -33,11 +32,17 @@ def _check_len_memory(value: Any) -> None:
 
 
 def _resolve_memory(len_memory: float | None, beta3: float | None) -> tuple[float | None, float]:
-    """``(len_memory, beta3)`` from the one given: exactly one of the two, or neither (1000 steps)."""
+    """``(len_memory, beta3)`` from the one given, or neither (1000 steps). Both only as this
+    function returns them, ``beta3 == 1 - 1 / len_memory``: an optimizer's ``defaults`` (or a
+    group) passed back whole, ``DiffMod(params, **opt.defaults)``, rebuilds the same optimizer."""
     if len_memory is not None and beta3 is not None:
+        _check_len_memory(len_memory)
+        if beta3 == 1.0 - 1.0 / len_memory:
+            return len_memory, beta3
         raise ValueError(
-            f"give either len_memory (>= 1) or beta3 (in [0, 1)), not both; got len_memory={len_memory!r}, "
-            f"beta3={beta3!r}"
+            "give either len_memory (>= 1) or beta3 (in [0, 1)), or both only with "
+            f"beta3 = 1 - 1 / len_memory; got len_memory={len_memory!r}, beta3={beta3!r} "
+            f"(1 - 1 / len_memory = {1.0 - 1.0 / len_memory!r})"
         )
     if beta3 is not None:
         check.check_beta("beta3", beta3)
@@ -161,9 +166,7 @@ def diffmod(
     maximize: bool = False,
 ) -> None:
     """Functional DiffMod step (see :class:`DiffMod`)."""
-    rule = partial(
-        adamod_rule, lr=float(lr), beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay
-    )
+    rule = bound_rule(lr, beta1, beta2, beta3, eps, weight_decay)
     run_rule(
         rule,
         params,

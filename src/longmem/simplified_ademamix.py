@@ -9,14 +9,13 @@ AdEMAMix, and Accelerated SGD Variants", 2025, https://arxiv.org/abs/2502.02431
     nu = beta2 * nu + (1 - beta2) * g^2
     p  = p - lr * ((alpha * g + m) / (sqrt(nu / (1 - beta2^t)) + eps) + wd * p)
 
-``bias_correction1=True`` divides the first term by ``W_t = beta1_t * W_{t-1} + 1``, the sum of the
-momentum's weights; ``bias_correction2=False`` uses ``sqrt(nu) + eps`` (the authors' code then scales
-eps by ``sqrt(1 - beta2^t)``; the two differ only while ``sqrt(nu)`` is near eps in the first steps).
+``bias_correction1=True`` divides the update by ``W_t = beta1_t * W_{t-1} + 1``, the sum of the
+momentum's weights; ``bias_correction2=False`` drops the factor ``sqrt(1 - beta2^t)`` from the update
+but, as the authors' code, keeps eps scaled by it: ``(alpha * g + m) / (sqrt(nu) + eps * sqrt(1 - beta2^t))``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar
@@ -24,9 +23,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from . import _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
-from ._elementwise import default_foreach, run_rule
+from ._elementwise import default_foreach, mutable, run_rule
 from .schedules import beta_halflife_schedule
 
 __all__ = ["SimplifiedAdEMAMix", "simplified_ademamix"]
@@ -145,36 +145,39 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
 
 def _simplified_ademamix_rule(
     ops: Any,
-    t: float,
+    t: Any,
     p: Any,
     g: Any,
     exp_avg: Any,
     exp_avg_sq: Any,
     *,
-    lr: float,
+    lr: Any,
     beta1: float,
     beta2: float,
     alpha: float,
-    beta1_warmup: int | None,
+    beta1_warmup: float | None,
     min_beta1: float,
     eps: float,
     weight_decay: float,
     bias_correction1: bool,
     bias_correction2: bool,
-    weight_sums: dict[float, float],
+    weight_sum: Any,
 ) -> None:
+    """One step at ``t``; ``weight_sum`` is W_t (this step's ``num_sum``)."""
     ops.mul_(exp_avg, beta_halflife_schedule(t, min_beta1, beta1, beta1_warmup, log_eps=AUTHORS_LOG_EPS))
     ops.add_(exp_avg, g)
     ops.mul_(exp_avg_sq, beta2)
     ops.addcmul_(exp_avg_sq, g, g, value=1.0 - beta2)
 
-    # The update, rearranged exactly so that the foreach path makes few passes and allocates one
-    # temporary: with c = sqrt(1 - beta2^t) (1 without bias_correction2) and W = W_t (1 without
-    # bias_correction1),
-    #   (alpha * g + m) / (sqrt(nu) / c + eps) / W = (c / W) * m / d + (c / W) * alpha * g / d,
-    # d = sqrt(nu) + eps * c; and the decoupled decay p - lr * wd * p as one product.
-    c = math.sqrt(1.0 - beta2**t) if bias_correction2 else 1.0
-    scale = lr * c / weight_sums[t] if bias_correction1 else lr * c
+    # The authors' denominator is sqrt(nu) + eps * sqrt(1 - beta2^t) in both modes (their
+    # den_sum is 1 - beta2^t); bias_correction2 multiplies the update by c = sqrt(1 - beta2^t):
+    #   (alpha * g + m) / d * (c if bias_correction2 else 1) / (W if bias_correction1 else 1),
+    # d = sqrt(nu) + eps * c, as two addcdivs with the scale folded in (the foreach path then makes
+    # few passes and allocates one temporary); and the decoupled decay p - lr * wd * p as one product.
+    c = _scalars.sqrt(1.0 - beta2**t)
+    scale = lr * c if bias_correction2 else lr
+    if bias_correction1:
+        scale = scale / weight_sum
     denom = ops.sqrt(exp_avg_sq)
     ops.add_scalar_(denom, eps * c)
     if weight_decay != 0.0:
@@ -207,16 +210,27 @@ def simplified_ademamix(
     maximize: bool = False,
 ) -> None:
     """Functional Simplified AdEMAMix step (see :class:`SimplifiedAdEMAMix`)."""
-    # W_t depends on t alone, so tensors that share a step share it: keep one value per step.
-    weight_sums: dict[float, float] = {}
-    for step, num_sum in zip(state_steps, num_sums, strict=True):
-        t = step.item() + 1
+    # W_t = beta1_t * W_{t-1} + 1 is kept in float64 state; the rule takes this step's value. In
+    # eager mode the parameters are stepped together per distinct step count (one group, as a
+    # rule); under torch.compile each one with its own W_t tensor (no value is read back).
+    compiling = torch.compiler.is_compiling()
+    batches: list[tuple[Any, list[int]]] = []  # (W_t, indices of the parameters at it)
+    seen: dict[tuple[float, float], list[int]] = {}
+    for i, (step, num_sum) in enumerate(zip(state_steps, num_sums, strict=True)):
+        t = _scalars.step_scalar(step) + 1 if compiling else step.item() + 1
         beta1_t = beta_halflife_schedule(t, min_beta1, beta1, beta1_warmup, log_eps=AUTHORS_LOG_EPS)
-        num_sum.mul_(beta1_t).add_(1.0)
-        weight_sums[t] = num_sum.item()
+        mutable(num_sum).mul_(beta1_t).add_(1.0)  # a float64 0-d tensor: see mutable
+        if compiling:
+            batches.append((num_sum, [i]))
+            continue
+        key = (t, num_sum.item())
+        if key not in seen:
+            seen[key] = []
+            batches.append((key[1], seen[key]))
+        seen[key].append(i)
     rule = partial(
         _simplified_ademamix_rule,
-        lr=float(lr),
+        lr=_scalars.learning_rate(lr),
         beta1=beta1,
         beta2=beta2,
         alpha=alpha,
@@ -226,15 +240,21 @@ def simplified_ademamix(
         weight_decay=weight_decay,
         bias_correction1=bias_correction1,
         bias_correction2=bias_correction2,
-        weight_sums=weight_sums,
     )
-    run_rule(
-        rule,
-        params,
-        grads,
-        {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs},
-        state_steps,
-        foreach=default_foreach(params) if foreach is None else foreach,
-        maximize=maximize,
-        fused=bool(fused),
-    )
+    for weight_sum, members in batches:
+        if len(members) == len(params):
+            ps, gs, ms, nus, steps = params, grads, exp_avgs, exp_avg_sqs, state_steps
+        else:
+            ps, gs, ms, nus, steps = (
+                [xs[i] for i in members] for xs in (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            )
+        run_rule(
+            partial(rule, weight_sum=weight_sum),
+            ps,
+            gs,
+            {"exp_avg": ms, "exp_avg_sq": nus},
+            steps,
+            foreach=default_foreach(ps) if foreach is None else foreach,
+            maximize=maximize,
+            fused=bool(fused),
+        )

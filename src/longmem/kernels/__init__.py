@@ -6,9 +6,16 @@ elementwise instructions (:mod:`.program`), which one kernel runs over every ten
 * CPU tensors: a C kernel built on first use and cached (:mod:`.cpu`);
 * CUDA tensors: a Triton kernel generated from the program (:mod:`.cuda`), when Triton is installed.
 
-What a kernel cannot take (float64 parameters, non-contiguous tensors, other devices, or a
-kernel that could not be built) runs the foreach path instead, which computes the same numbers.
-A kernel that cannot be built is reported once per process with a warning.
+Parameters of a dtype or on a device the kernels do not take (float64, integer, ``meta``, ...)
+make ``fused=True`` raise a ``RuntimeError`` before anything changes, as torch.optim's
+``fused=True`` does (``check_fused_params``); ``fused=None``, the default, never does. What a kernel
+takes only in another layout (non-contiguous tensors, a gradient of another dtype, state loaded in
+another precision) runs the foreach path inside the fused step, which computes the same numbers;
+so does everything when a kernel cannot be built (no C compiler, no Triton), reported once per
+process with a warning.
+
+Under ``torch.compile`` none of this runs: the compiler traces the rule itself and fuses it
+(``longmem._elementwise.run_rule``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,15 @@ from torch import Tensor
 
 from . import cpu, program
 
-__all__ = ["FusedFallbackWarning", "advance_steps", "prepare", "run_fused"]
+__all__ = [
+    "FUSED_DEVICES",
+    "FUSED_DTYPES",
+    "FusedFallbackWarning",
+    "advance_steps",
+    "check_fused_params",
+    "prepare",
+    "run_fused",
+]
 
 
 class FusedFallbackWarning(UserWarning):
@@ -32,6 +47,28 @@ class FusedFallbackWarning(UserWarning):
 _warned: set[str] = set()
 _dtype = operator.attrgetter("dtype")
 _is_cpu = operator.attrgetter("is_cpu")
+
+#: parameter dtypes the fused kernels take, on CPU and CUDA alike (``cpu.DTYPE_CODES``,
+#: ``cuda._VIEWS``); complex ones as pairs of reals
+FUSED_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.complex64, torch.complex32})
+#: devices with a fused kernel: C on CPU, Triton on CUDA
+FUSED_DEVICES = frozenset({"cpu", "cuda"})
+
+
+def check_fused_params(params: Sequence[Tensor]) -> None:
+    """Raise ``RuntimeError`` unless every parameter has a dtype and device the fused kernels take
+    (torch.optim's ``fused=True`` raises the same way, with the same opening words)."""
+    # a plain loop: torch.compile traces it (attrgetter maps would break its graph), ~0.2 us a tensor
+    bad = next((p for p in params if p.dtype not in FUSED_DTYPES or p.device.type not in FUSED_DEVICES), None)
+    if bad is None:
+        return
+    dtypes = ", ".join(sorted(str(d).removeprefix("torch.") for d in FUSED_DTYPES))
+    raise RuntimeError(
+        "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+        f"{sorted(FUSED_DEVICES)} and dtypes ({dtypes}), but got a {bad.dtype} parameter of shape "
+        f"{tuple(bad.shape)} on {bad.device.type}. Leave fused=None (the default) for the foreach or "
+        "single-tensor path, which takes every floating-point dtype and device"
+    )
 
 
 def _warn_once(kind: str, message: str) -> None:
