@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import longmem
 import reference as ref
+from longmem import kernels
 from longmem.kernels import cpu
 
 F64 = torch.float64
@@ -107,7 +108,11 @@ def _run_path(name, path, layout):
         {"params": [p for p, g in zip(params, group_of, strict=True) if g == k], **hp}
         for k, hp in enumerate(groups)
     ]
-    opt = getattr(longmem, name)(param_groups, foreach=path == "foreach", fused=path == "fused" or None)
+    for group in param_groups:
+        # an explicit fused=True raises on what the kernels cannot take (float64): such groups None
+        fusable = all(p.dtype in kernels.FUSED_DTYPES for p in group["params"])
+        group["fused"] = True if path == "fused" and fusable else None
+    opt = getattr(longmem, name)(param_groups, foreach=path == "foreach")
     for row in grads:
         for p, g in zip(params, row, strict=True):
             p.grad = None if g is None else g.clone()
@@ -178,8 +183,9 @@ def test_paths_match_reference(name, data):
 @FUZZ
 @given(hp=st.data())
 def test_fused_takes_every_layout(name, hp):
-    """Every dtype (float64 and complex included) and every shape in one fused group: no crash, the
-    same numbers as foreach to float rounding."""
+    """Every dtype the kernels take (complex included) and every shape in one fused group: no
+    crash, the same numbers as foreach to float rounding. With a float64 parameter among them, the
+    explicit fused=True raises before anything changes; the rest then run as before."""
     config = hp.draw(hyperparameters(name), label="hp")
     specs = hp.draw(
         st.lists(
@@ -194,6 +200,17 @@ def test_fused_takes_every_layout(name, hp):
         torch.randn(shape, generator=gen, dtype=torch.complex128 if dt.is_complex else F64).to(dt)
         for shape, dt in specs
     ]
+    if any(p.dtype not in kernels.FUSED_DTYPES for p in p0):
+        params = [torch.nn.Parameter(p.clone()) for p in p0]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt = getattr(longmem, name)(params, fused=True, **config)
+        with pytest.raises(RuntimeError, match="`fused=True` requires all the params"):
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, p0, strict=True)) and not any(opt.state.values())
+        p0 = [p for p in p0 if p.dtype in kernels.FUSED_DTYPES]
+        if not p0:
+            return
     results = []
     for fused in (True, False):
         params = [torch.nn.Parameter(p.clone()) for p in p0]
