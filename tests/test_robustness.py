@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import longmem
 import reference as ref
-from longmem import _nonfinite, checkpoint
+from longmem import _nonfinite, checkpoint, kernels
 from longmem._base import FORMAT_KEY, FORMAT_VERSION
 
 NAMES = ["AdEMAMix", "SimplifiedAdEMAMix", "AdaMod", "DiffGrad", "DiffMod"]
@@ -33,7 +33,20 @@ NAN, INF = float("nan"), float("inf")
 
 def _make(name, params, path="single", **kw):
     kw.setdefault("lr", 1e-2)
-    return getattr(longmem, name)(params, foreach=path == "foreach", fused=path == "fused" or None, **kw)
+    if path == "fused":
+        return getattr(longmem, name)(_fused_where_possible(params), **kw)
+    return getattr(longmem, name)(params, foreach=path == "foreach", **kw)
+
+
+def _fused_where_possible(params):
+    """Parameter groups with fused=True where the kernels take every parameter, else None (an
+    explicit fused=True raises on a float64 one)."""
+    params = list(params)
+    groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
+    for group in groups:
+        tensors = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
+        group["fused"] = True if all(p.dtype in kernels.FUSED_DTYPES for p in tensors) else None
+    return groups
 
 
 def _snapshot(params, opt):
