@@ -1024,14 +1024,15 @@ def sigmoid_probe(ctx: Context) -> tuple[bool, str]:
 
 
 def mixed_group_probe(ctx: Context) -> tuple[bool, str]:
-    """fp32, bf16, fp16, complex64, float64 and a non-contiguous parameter in one fused group,
-    against foreach on the same device (the last two take the foreach path inside the fused step)."""
+    """fp32, bf16, fp16, complex64 and a non-contiguous parameter in one fused group, against foreach
+    on the same device (the non-contiguous one takes the foreach path inside the fused step; float64
+    is not here: an explicit fused=True refuses it, as torch's does)."""
     import torch
 
     import longmem
 
-    shapes = [(1000,), (513,), (77,), (300,), (64,), (20, 30)]
-    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.complex64, torch.float64, torch.float32]
+    shapes = [(1000,), (513,), (77,), (300,), (20, 30)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.complex64, torch.float32]
     gen = torch.Generator().manual_seed(3)
     base = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(shapes, dtypes, strict=True)]
     base[-1] = base[-1].t()

@@ -32,7 +32,8 @@ def _run(out: Path, *args: str, prelude: str = "") -> subprocess.CompletedProces
     argv = [str(SCRIPT), "--device", "cpu", "--out", str(out), *args]
     run = f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
     code = f"{prelude}\n{run}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # set before the prelude runs: a prelude that imports longmem.kernels.cuda may import Triton
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
 
 
