@@ -128,9 +128,8 @@ def recorded_programs() -> Iterator[list[program.Program]]:
     programs: list[program.Program] = []
 
     def record(rule, params, grads, buffers, steps, *, maximize):  # type: ignore[no-untyped-def]
-        names = [name for name, tensors in buffers.items() if tensors is not None]
-        absent = [name for name, tensors in buffers.items() if tensors is None]
-        programs.extend(program.trace(rule, t, names, absent) for t in dict.fromkeys(steps))
+        trace, _ = kernels.prepare(rule, buffers)
+        programs.extend(trace(t) for t in dict.fromkeys(steps))
         return list(range(len(params)))
 
     kernels.run_fused = record  # type: ignore[assignment]
