@@ -466,13 +466,13 @@ from longmem import kernels
 from longmem.kernels import cuda, program
 
 
-def via_triton(rule, params, grads, buffers, steps, *, maximize):
+def via_triton(rule, params, grads, buffers, steps, *, maximize, param_streams=None):
     # kernels.run_fused, with the CPU tensors sent to the Triton kernel (run by the interpreter)
     names = [n for n, t in buffers.items() if t is not None]
     absent = [n for n, t in buffers.items() if t is None]
     state = [buffers[n] for n in names]
     return cuda.run_step(lambda t: program.trace(rule, t, names, absent), params, grads, state, steps,
-                         range(len(params)), maximize, warn=print)
+                         range(len(params)), maximize, warn=print, param_streams=param_streams)
 
 
 kernels.run_fused = via_triton

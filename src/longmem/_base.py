@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _nonfinite, _state_precision
+from . import _nonfinite, _rounding, _state_precision
 from ._elementwise import _is_dtensor, default_foreach
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -61,7 +61,11 @@ COMMON_ARGS_DOC = """foreach: multi-tensor implementation (default: where the de
             parameters), ``"bf16"`` (bfloat16, stochastically rounded: 2 bytes per element) or ``"8bit"``
             (blockwise 8-bit codes with a float32 scale per 256 elements, stochastically rounded:
             about 1.02 bytes per element; tensors under 4096 elements stay float32). The update is
-            computed in float32 either way; see README "Lean optimizer state"."""
+            computed in float32 either way; see README "Lean optimizer state".
+        param_rounding: how bf16/fp16 parameters are written back from the float32 update:
+            ``"nearest"`` (default, as ``tensor.copy_``) or ``"stochastic"`` (unbiased, so updates
+            below the dtype's resolution still move the parameter on average: pure bf16 training
+            without a float32 copy of the weights). Other dtypes are unaffected. See README."""
 
 
 class LongMemOptimizer(Optimizer):
@@ -111,6 +115,7 @@ class LongMemOptimizer(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("nonfinite", _nonfinite.DEFAULT)
             group.setdefault("state_precision", _state_precision.DEFAULT)
+            group.setdefault("param_rounding", _rounding.DEFAULT)
         # unpickled or loaded (load_state_dict ends here): lean buffers in the state must be decoded even
         # by a group now in "fp32"
         self._lean_state = self._lean_state or _state_precision.holds_lean_state(self.state)
@@ -242,6 +247,8 @@ class LongMemOptimizer(Optimizer):
             saved["params"] = group["params"]
             if "state_precision" not in saved:  # saved before the option: keep this optimizer's choice
                 saved["state_precision"] = group.get("state_precision", _state_precision.DEFAULT)
+            if "param_rounding" not in saved:  # saved before the option: keep this optimizer's choice
+                saved["param_rounding"] = group.get("param_rounding", _rounding.DEFAULT)
             if "nonfinite" not in saved:  # format 0: keep this optimizer's own choice
                 saved["nonfinite"] = group.get("nonfinite", _nonfinite.DEFAULT)
             if "param_names" in group and "param_names" not in saved:
@@ -293,7 +300,8 @@ class LongMemOptimizer(Optimizer):
                     f"in the state dict and {len(group['params'])} in this optimizer"
                 )
             # torch's __setstate__ (run by every load) adds "differentiable" to the defaults
-            optional = ("foreach", "maximize", "fused", "differentiable", "nonfinite", "state_precision")
+            optional = ("foreach", "maximize", "fused", "differentiable", "nonfinite", "state_precision",
+                        "param_rounding")  # fmt: skip
             missing = sorted(k for k in self.defaults if k not in saved and k not in optional)
             if missing:
                 raise ValueError(

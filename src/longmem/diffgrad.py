@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
+from . import _rounding
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
@@ -68,6 +69,7 @@ class DiffGrad(LongMemOptimizer):
         fused: bool | None = None,
         nonfinite: str = "ignore",
         state_precision: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -79,6 +81,7 @@ class DiffGrad(LongMemOptimizer):
             fused=fused,
             nonfinite=nonfinite,
             state_precision=state_precision,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 
@@ -111,6 +114,8 @@ class DiffGrad(LongMemOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            param_rounding=group["param_rounding"],
+            rounding_streams=_rounding.streams_for(self, group, params),
         )
 
 
@@ -159,6 +164,8 @@ def diffgrad(
     eps: float,
     weight_decay: float,
     maximize: bool = False,
+    param_rounding: str = "nearest",
+    rounding_streams: Sequence[int] | None = None,
 ) -> None:
     """Functional diffGrad step (see :class:`DiffGrad`)."""
     rule = partial(_diffgrad_rule, lr=float(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
@@ -171,4 +178,6 @@ def diffgrad(
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
         fused=bool(fused),
+        param_rounding=param_rounding,
+        rounding_streams=rounding_streams,
     )

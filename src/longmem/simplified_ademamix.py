@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from . import _rounding
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
@@ -82,6 +83,7 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
         fused: bool | None = None,
         nonfinite: str = "ignore",
         state_precision: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -98,6 +100,7 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
             fused=fused,
             nonfinite=nonfinite,
             state_precision=state_precision,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 
@@ -140,6 +143,8 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
             bias_correction1=group["bias_correction1"],
             bias_correction2=group["bias_correction2"],
             maximize=group["maximize"],
+            param_rounding=group["param_rounding"],
+            rounding_streams=_rounding.streams_for(self, group, params),
         )
 
 
@@ -205,6 +210,8 @@ def simplified_ademamix(
     bias_correction1: bool,
     bias_correction2: bool,
     maximize: bool = False,
+    param_rounding: str = "nearest",
+    rounding_streams: Sequence[int] | None = None,
 ) -> None:
     """Functional Simplified AdEMAMix step (see :class:`SimplifiedAdEMAMix`)."""
     # W_t depends on t alone, so tensors that share a step share it: keep one value per step.
@@ -237,4 +244,6 @@ def simplified_ademamix(
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
         fused=bool(fused),
+        param_rounding=param_rounding,
+        rounding_streams=rounding_streams,
     )

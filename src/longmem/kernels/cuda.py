@@ -198,6 +198,7 @@ def run_step(
     maximize: bool,
     *,
     warn: Callable[[str, str], None],
+    param_streams: Sequence[int] | None = None,
 ) -> list[int]:
     """Run ``trace(t)``'s program on the tensors at ``indices`` (CUDA tensors; CPU tensors only
     under Triton's interpreter), one launch per (device, step, dtypes); returns those it cannot take."""
@@ -208,6 +209,8 @@ def run_step(
             "pip install triton); running the foreach path, with the same results",
         )
         return list(indices)
+    if param_streams is not None or any(type(row).__name__ == "LeanBuffers" for row in state):
+        return list(indices)  # TODO lean
     rejected: list[int] = []
     groups: dict[tuple, list[int]] = {}
     for i in indices:

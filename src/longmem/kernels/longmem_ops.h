@@ -116,6 +116,119 @@ static inline float lm_exp(float x) {
     return lm_pick(x != x, x, y);
 }
 
+/* ---- counter-based rounding noise (longmem/_rounding.py states the same function in torch) ------ */
+
+#define LM_NOISE_SEED 0x6C6F6E676D656DULL /* "longmem" */
+#define LM_MIX_C1 0x21F0AAADu
+#define LM_MIX_C2 0x735A2D97u
+
+static inline uint64_t lm_splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+/* the 64-bit key of (step, parameter position, stream): one per tensor and call, not per element */
+static inline uint64_t lm_noise_key(double step, int64_t position, uint32_t stream) {
+    uint64_t z = lm_splitmix64(LM_NOISE_SEED ^ (uint64_t)step);
+    return lm_splitmix64(lm_splitmix64(z ^ (uint64_t)position) ^ stream);
+}
+static inline uint32_t lm_mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= LM_MIX_C1;
+    x ^= x >> 15;
+    x *= LM_MIX_C2;
+    return x ^ (x >> 15);
+}
+/* the noise of the element whose flat index has halves (lo, hi), under the key (k0, k1) */
+static inline uint32_t lm_hash(uint32_t lo, uint32_t hi, uint32_t k0, uint32_t k1) {
+    return lm_mix32(lm_mix32(lo ^ k0) ^ hi ^ k1);
+}
+
+/* ---- stochastic rounding: unbiased, off by less than one unit of the target's grid ------------- */
+
+/* f32 -> bf16: 16 noise bits added below the bits bf16 keeps, then dropped; NaN -> 0x7fc0 */
+static inline uint16_t lm_f32_to_bf16_sr(float f, uint32_t h) {
+    uint32_t r = (lm_bits(f) + (h >> 16)) & 0xffff0000u;
+    return (uint16_t)lm_select((r & 0x7fffffffu) > 0x7f800000u, 0x7fc0u, r >> 16);
+}
+/* f32 -> f16. Normal results: 13 noise bits below the 10 mantissa bits kept, truncated (a carry past
+ * 65504 gives inf). Subnormal results, multiples of 2^-24: |f| * 2^24 (exact) rounded up with the
+ * probability of its fraction, to 2^-24. NaN -> 0x7e00 with f's sign, as lm_f32_to_f16. */
+static inline uint16_t lm_f32_to_f16_sr(float f, uint32_t h) {
+    uint32_t u = lm_bits(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    uint32_t truncated = (a + (h >> 19)) & ~0x1fffu;
+    uint32_t normal = lm_select(truncated >= (143u << 23), 0x7c00u, (truncated - (112u << 23)) >> 13);
+    int sub_range = a < (113u << 23);
+    float scaled = lm_pick(sub_range, __builtin_fabsf(f) * 0x1p24f, 0.0f);
+    int32_t whole = (int32_t)scaled;
+    int32_t threshold = (int32_t)((scaled - (float)whole) * 0x1p24f);
+    uint32_t sub = (uint32_t)whole + (uint32_t)((int32_t)(h >> 8) < threshold);
+    uint32_t mag = lm_select(sub_range, sub, normal);
+    return (uint16_t)(lm_select(a > 0x7f800000u, 0x7e00u, mag) | sign);
+}
+
+/* ---- 8-bit state codes (longmem/_state_precision.py: quantize, dequantize) ------------------------
+ * A code c of a block with scale absmax means absmax * g(c): g(c) = (c / 127)^3 for signed (int8)
+ * codes, (c / 255)^4 for unsigned (uint8) ones, evaluated exactly as below (c times the float32
+ * reciprocal, then products in this order) by every path. Encoding finds the grid cell [g(k), g(k+1))
+ * holding y = |x| / absmax by comparisons against g itself (a cheap root only proposes k, within one
+ * below), so every path finds the same cell, and rounds up with probability (y - g(k)) / (g(k+1) -
+ * g(k)), resolved to 2^-24 by 24 noise bits. */
+
+#define LM_INV127 0x1.020408p-7f /* float32(1 / 127) */
+#define LM_INV255 0x1.010102p-8f /* float32(1 / 255) */
+
+static inline float lm_grid_s8(int32_t k) { float t = (float)k * LM_INV127; return (t * t) * t; }
+static inline float lm_grid_u8(int32_t k) { float t = (float)k * LM_INV255; float s = t * t; return s * s; }
+static inline float lm_dec_s8(int8_t c, float absmax) { return lm_grid_s8(c) * absmax; }
+static inline float lm_dec_u8(uint8_t c, float absmax) { return lm_grid_u8(c) * absmax; }
+/* |x| as bits: for non-negative floats the integer order is the float order (NaN above inf), so a
+ * block's absmax is an integer max, which vectorizes without -ffast-math */
+static inline uint32_t lm_absbits(float x) { return lm_bits(x) & 0x7fffffffu; }
+static inline float lm_inv_absmax(float absmax) { return lm_pick(absmax > 0.0f, 1.0f / absmax, 0.0f); }
+static inline int32_t lm_clampi(int32_t k, int32_t lo, int32_t hi) { k = k < lo ? lo : k; return k > hi ? hi : k; }
+/* y = |x| / absmax in [0, 1]; NaN (0 * inf, NaN state) -> 0 */
+static inline float lm_unit(float x, float inv_absmax) {
+    float y = __builtin_fabsf(x) * inv_absmax;
+    y = lm_pick(y != y, 0.0f, y);
+    return lm_pick(y > 1.0f, 1.0f, y);
+}
+/* 1 with probability (y - lo) / (hi - lo): noise below the threshold */
+static inline int32_t lm_round_up(float y, float lo, float hi, uint32_t h) {
+    int32_t threshold = (int32_t)(((y - lo) / (hi - lo)) * 0x1p24f);
+    return (int32_t)(h >> 8) < threshold;
+}
+static inline int8_t lm_enc_s8(float x, float inv_absmax, uint32_t h) {
+    float y = lm_unit(x, inv_absmax);
+    /* y^(1/3) = y * r^2, r ~ y^(-1/3) from the exponent bits and two Newton steps; checked over
+     * every float in [0, 1]: k0 is the cell's k or one below it */
+    uint32_t third = (uint32_t)(int32_t)((float)(int32_t)lm_bits(y) * (1.0f / 3.0f));
+    float r = lm_from_bits(0x548c2b4bu - third);
+    r = r * (4.0f / 3.0f - (y * ((r * r) * r)) * (1.0f / 3.0f));
+    r = r * (4.0f / 3.0f - (y * ((r * r) * r)) * (1.0f / 3.0f));
+    int32_t k0 = lm_clampi((int32_t)((y * (r * r)) * 127.0f - 0.5f), 0, 126);
+    float g1 = lm_grid_s8(k0 + 1);
+    int32_t up = (y >= g1) & (k0 < 126);
+    float lo = lm_pick(up, g1, lm_grid_s8(k0));
+    float hi = lm_pick(up, lm_grid_s8(k0 + 2), g1);
+    int32_t k = k0 + up + lm_round_up(y, lo, hi, h);
+    return (int8_t)lm_select(lm_bits(x) >> 31, (uint32_t)-k, (uint32_t)k);
+}
+static inline uint8_t lm_enc_u8(float x, float inv_absmax, uint32_t h) {
+    float y = lm_unit(x, inv_absmax);
+    int32_t k0 = lm_clampi((int32_t)(__builtin_sqrtf(__builtin_sqrtf(y)) * 255.0f - 0.5f), 0, 254);
+    float g1 = lm_grid_u8(k0 + 1);
+    int32_t up = (y >= g1) & (k0 < 254);
+    float lo = lm_pick(up, g1, lm_grid_u8(k0));
+    float hi = lm_pick(up, lm_grid_u8(k0 + 2), g1);
+    int32_t k = k0 + up + lm_round_up(y, lo, hi, h);
+    /* a positive second moment is never rounded to zero (no division by eps alone) */
+    return (uint8_t)lm_select((k == 0) & (y > 0.0f), 1u, (uint32_t)k);
+}
+
 /* ---- the operations (codes as in program.py): d = op(a, b, c, s) ------------------------------ */
 
 static inline float lm_mul_s(float a, float b, float c, float s) { (void)b; (void)c; return a * s; }

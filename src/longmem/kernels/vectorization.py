@@ -127,7 +127,7 @@ def recorded_programs() -> Iterator[list[program.Program]]:
     original = kernels.run_fused
     programs: list[program.Program] = []
 
-    def record(rule, params, grads, buffers, steps, *, maximize):  # type: ignore[no-untyped-def]
+    def record(rule, params, grads, buffers, steps, *, maximize, param_streams=None):  # type: ignore[no-untyped-def]
         names = [name for name, tensors in buffers.items() if tensors is not None]
         absent = [name for name, tensors in buffers.items() if tensors is None]
         programs.extend(program.trace(rule, t, names, absent) for t in dict.fromkeys(steps))
