@@ -467,3 +467,88 @@ def test_8bit_state_needs_a_capable_parameter():
     other = longmem.AdEMAMix(p64, **HP["AdEMAMix"])
     with pytest.raises(ValueError, match="cannot have"):
         other.load_state_dict(saved)
+
+
+# ---- in the fused kernels ---------------------------------------------------------------------------
+
+
+def _steps(name, mode, kw, steps=6, dtype=torch.float32, seed=0, after_step=None):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for n in (5000, 300, 70_000)]
+    opt = getattr(longmem, name)(params, state_precision=mode, **kw, **HP[name])
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+        if after_step is not None:
+            after_step(opt, params)
+    return opt, params
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", LEAN)
+def test_fused_lean_steps_decode_and_encode_in_the_kernels(name, mode, monkeypatch):
+    """A fused step with its state in the group's form never makes a float32 copy of it: no torch
+    decode or encode runs, the codes are updated in place, and the result tracks the foreach path."""
+    calls = []
+    for fn in ("_decode", "_encode", "_encode_into"):
+        original = getattr(sp, fn)
+        monkeypatch.setattr(sp, fn, lambda *a, _f=original, _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    storage = []
+
+    def record(opt, params):
+        state = opt.state[params[2]]
+        kept = (*opt._buffers, *sp.scale_keys(opt._buffers))
+        storage.append({k: (v.dtype, v.data_ptr()) for k, v in state.items() if k in kept})
+
+    _, fused = _steps(name, mode, dict(fused=True), after_step=record)
+    assert calls == []
+    assert all(s == storage[0] for s in storage)  # the same tensors, step after step
+    lean = (torch.bfloat16,) if mode == "bf16" else (torch.int8, torch.uint8, torch.float32)
+    assert all(dtype in lean for dtype, _ in storage[0].values())
+    monkeypatch.undo()
+    _, ref = _steps(name, mode, dict(foreach=True))
+    for p, q in zip(fused, ref, strict=True):
+        torch.testing.assert_close(p, q, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mode", LEAN)
+def test_lean_kernels_generic_and_specialized_agree_bitwise(mode, monkeypatch):
+    from longmem.kernels import cpu
+
+    results = []
+    for specialize in (False, True):
+        monkeypatch.setattr(cpu, "SPECIALIZE", specialize)
+        for name in NAMES:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                opt, params = _steps(name, mode, dict(fused=True, param_rounding="stochastic"), 3, dtype)
+                results.append((specialize, name, dtype, opt, params))
+    half = len(results) // 2
+    for (_, _, _, opt_a, a), (_, _, _, opt_b, b) in zip(results[:half], results[half:], strict=True):
+        _assert_same(opt_a, a, opt_b, b)
+
+
+@pytest.mark.parametrize("mode", LEAN)
+def test_what_the_kernels_leave_is_decoded_and_encoded_as_the_foreach_path_does(mode, monkeypatch):
+    """Lean buffers the fused kernels hand back (here all of them) are decoded, updated by the
+    foreach path and encoded with the same noise: the foreach path's bits."""
+    from longmem import kernels
+
+    monkeypatch.setattr(kernels, "run_fused", lambda rule, params, *a, **k: list(range(len(params))))
+    fallback = _steps("AdEMAMix", mode, dict(fused=True), 4)
+    monkeypatch.undo()
+    _assert_same(*fallback, *_steps("AdEMAMix", mode, dict(foreach=True), 4))
+
+
+@pytest.mark.parametrize("mode", LEAN)
+def test_fused_lean_without_a_compiler_runs_the_foreach_path(mode, monkeypatch, tmp_path):
+    from longmem import kernels
+
+    monkeypatch.setenv("LONGMEM_CC", str(tmp_path / "no-such-compiler"))
+    kernels.reset()
+    try:
+        fused = _steps("DiffMod", mode, dict(fused=True), 4)
+    finally:
+        monkeypatch.delenv("LONGMEM_CC")
+        kernels.reset()
+    _assert_same(*fused, *_steps("DiffMod", mode, dict(foreach=True), 4))

@@ -9,8 +9,13 @@ is bit-identical to one that never stopped, with nothing but the step count save
   fixed ``SEED``, the step, the parameter's position in its optimizer (across all groups) and the
   stream (a state buffer's index in the optimizer's ``_buffers``, or ``PARAM_STREAM`` for the
   parameter itself);
-* a 32-bit **hash** per element: two rounds of a multiply-xorshift mixer (``_mix``) over the
-  element's flat index in its tensor, keyed by the two halves of the key (``noise``).
+* a 32-bit **noise** value per element: a Weyl sequence over the element's flat index in its tensor,
+  ``index * WEYL + key`` mod 2^32 (the key's high half first folded with the index's high half by
+  a multiply-xorshift mixer, ``_mix``; ``noise``). Keys of different steps, buffers and parameters
+  are independent, so each element's noise is uniform and independent from step to step and
+  from buffer to buffer, which is what unbiased rounding needs; within a step the noise of
+  neighbouring elements is spread evenly (the golden-ratio lattice). A kernel loop carries it
+  with one add per element (a hash round per element cost more than the rest of a bf16 step).
 
 The C kernels (``longmem_ops.h``: ``lm_hash``) and the Triton kernels compute the same function with
 uint32 arithmetic; torch has no unsigned 32-bit arithmetic on every device, so here the values live in
@@ -47,6 +52,8 @@ _MASK32 = (1 << 32) - 1
 #: odd (each step is a bijection) and below 2^31 (see the module docstring)
 MIX_C1 = 0x21F0AAAD
 MIX_C2 = 0x735A2D97
+#: the Weyl step over element indices: 2^32 (2 - golden ratio), odd and below 2^31
+WEYL = 0x61C88647
 
 
 def check_mode(value: Any) -> None:
@@ -81,10 +88,12 @@ def _mix(x: Tensor) -> Tensor:
 
 
 def noise(key: int, start: int, n: int, device: torch.device | str = "cpu") -> Tensor:
-    """The 32-bit hashes of elements ``start .. start + n - 1`` under ``key`` (int64, in [0, 2^32))."""
+    """The 32-bit noise of elements ``start .. start + n - 1`` under ``key`` (int64, in [0, 2^32)):
+    ``index_lo * WEYL + block_key`` (mod 2^32), the block key ``key_lo ^ mix(index_hi ^ key_hi)``,
+    constant over each aligned run of 2^32 elements (``lm_noise``, ``lm_block_key``)."""
     index = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    x = _mix(index & _MASK32 ^ (key & _MASK32))
-    return _mix(x.bitwise_xor_((index >> 32) ^ (key >> 32)))
+    block_key = _mix((index >> 32) ^ (key >> 32)).bitwise_xor_(key & _MASK32)
+    return block_key.add_((index & _MASK32).mul_(WEYL)).bitwise_and_(_MASK32)
 
 
 def _bits(x: Tensor) -> Tensor:

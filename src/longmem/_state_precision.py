@@ -144,25 +144,30 @@ def quantize(x: Tensor, signed: bool, key: int, start: int = 0) -> tuple[Tensor,
     ``g(k) <= y < g(k + 1)``, the code is ``k + 1`` with probability ``(y - g(k)) / (g(k + 1) - g(k))``
     (resolved to 2^-24), so the decoded value is unbiased and off by less than one grid spacing.
     Unsigned: a positive value below the first grid point rounds up to it (never to zero); ``x``
-    must be >= 0. Operation for operation what the fused kernels do (``lm_enc_s8``, ``lm_enc_u8``),
-    so every path gives the same codes.
+    must be >= 0. Operation for operation what the fused kernels do (``lm_enc_s8``, ``lm_enc_u8`` in
+    longmem_ops.h), so every path gives the same codes. A block holding NaN gets a NaN scale (it
+    decodes to NaN); one holding an infinity an infinite one.
     """
     levels, _ = SIGNED_GRID if signed else UNSIGNED_GRID
     blocks = _blocks(x.reshape(-1).float())
     # the block's absmax as an integer max over |x|'s bits (the float max, NaN above inf)
     absmax = (blocks.view(torch.int32) & 0x7FFFFFFF).amax(dim=1).view(torch.float32)
     inv = torch.where(absmax > 0, absmax.reciprocal(), 0.0)
-    y = blocks.abs().mul_(inv[:, None]).nan_to_num_(nan=0.0).clamp_(max=1.0)
-    # a proposal for the cell, its k or one below, then the cell by comparisons with the grid itself
+    # y = |x| / absmax, at most 1: an unsigned min on the bits (NaN of either sign becomes 1)
+    y = blocks.abs().mul_(inv[:, None]).view(torch.int32).to(torch.int64).bitwise_and_(0xFFFFFFFF)
+    y = y.clamp_(max=0x3F800000).to(torch.int32).view(torch.float32)
+    # a proposal for the cell, its k or one below, then the cell by comparison with the grid itself
     root = y.pow(1.0 / 3.0) if signed else y.sqrt().sqrt_()
     k0 = root.mul_(levels).sub_(0.5).to(torch.int32).clamp_(0, levels - 1)
     g1 = _grid(k0 + 1, signed)
     up = (y >= g1) & (k0 < levels - 1)
-    lo = torch.where(up, g1, _grid(k0, signed))
-    hi = torch.where(up, _grid(k0 + 2, signed), g1)
-    threshold = (y - lo).div_(hi.sub_(lo)).mul_(float(1 << _NOISE_BITS)).to(torch.int64)
+    other = _grid(k0 + 2 * up, signed)
+    lo = torch.where(up, g1, other)
+    hi = torch.where(up, other, g1)
+    # round up when the noise, as a fraction of the cell, falls below y - lo (lm_round_up)
     noise = _rounding.noise(key, start, y.numel(), x.device).view(y.shape) >> (32 - _NOISE_BITS)
-    k = (k0 + up).to(torch.int64).add_(noise < threshold)
+    fraction = noise.to(torch.float32).mul_(2.0**-_NOISE_BITS).mul_(hi.sub_(lo))
+    k = (k0 + up).add_(fraction < y - lo)
     if signed:
         k = torch.where(blocks.view(torch.int32) < 0, -k, k)
     else:  # a positive value rounded to 0: up to the first grid point instead

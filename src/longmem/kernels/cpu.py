@@ -360,7 +360,6 @@ _DECODE = {
     "s8": "lm_dec_s8(((const int8_t *)P{k})[i], a{k})",
     "u8": "lm_dec_u8(((const uint8_t *)P{k})[i], a{k})",
 }
-_HASH = "lm_hash((uint32_t)i, ihi, K[{j}], K[{j1}])"
 _SR_STORE = {
     "bf16": "((uint16_t *)P0)[i] = lm_f32_to_bf16_sr(v0, {h});",
     "f16": "((uint16_t *)P0)[i] = lm_f32_to_f16_sr(v0, {h});",
@@ -370,8 +369,8 @@ _SR_STORE = {
 def lean_source(program: Program, forms: tuple[str, ...], stochastic: bool) -> str:
     """C source of a kernel that runs ``program`` on state stored in ``forms`` (one per buffer; see
     ``LEAN_FORMS``), decoding, updating and encoding it in the same pass, with the counter-based
-    noise of ``longmem_ops.h`` (``lm_hash``); ``stochastic``: bf16/fp16 parameters are written back
-    with stochastic rounding.
+    noise of ``longmem_ops.h`` (``lm_noise``, carried by the loops as one add per element and
+    stream); ``stochastic``: bf16/fp16 parameters are written back with stochastic rounding.
 
     Each thread takes whole blocks of ``LEAN_BLOCK`` elements (the 8-bit blocks). Block by block,
     the loop decodes each buffer (8-bit: with the block's old absmax), runs the rule, stores the
@@ -402,11 +401,19 @@ def lean_source(program: Program, forms: tuple[str, ...], stochastic: bool) -> s
         lines.append("    for (int64_t i0 = lo; i0 < hi; i0 += LM_CHUNK) {")
         lines.append("    int64_t i1 = hi - i0 < LM_CHUNK ? hi : i0 + LM_CHUNK;")
         lines.append("    const uint32_t ihi = (uint32_t)((uint64_t)i0 >> 32); /* blocks never cross 2^32 */")
+        # the noise streams this body draws: each lean buffer it writes, then the parameter's
+        streams = [k - 2 for k in written if k >= 2 and forms[k - 2] != "f32"]
+        if stochastic and dt in _SR_STORE:
+            streams.append(n_streams - 1)
+        for j in streams:
+            lines.append(f"    const uint32_t c{j} = lm_block_key(ihi, K[{2 * j}], K[{2 * j + 1}]);")
+        first = [j for j in streams if j == n_streams - 1 or forms[j] == "bf16"]  # drawn in the first loop
         for k in eight:
             lines.append(f"    const float a{k} = A{k}[i0 / LM_CHUNK];")
             if k in written:
                 lines.append(f"    float n{k}[LM_CHUNK];")
                 lines.append(f"    uint32_t m{k} = 0;")
+        lines += [f"    uint32_t w{j} = lm_noise((uint32_t)i0, c{j});" for j in first]
         lines.append("    for (int64_t i = i0; i < i1; i++) { /* LM_BODY_LOOP */")
         lines += _loads(program, dt, forms)
         if program.n_temp:
@@ -416,28 +423,27 @@ def lean_source(program: Program, forms: tuple[str, ...], stochastic: bool) -> s
             form = "f32" if k == 0 else forms[k - 2]
             if k == 0:
                 if stochastic and dt in _SR_STORE:
-                    h = _HASH.format(j=2 * (n_streams - 1), j1=2 * (n_streams - 1) + 1)
-                    lines.append("        " + _SR_STORE[dt].format(h=h))
+                    lines.append("        " + _SR_STORE[dt].format(h=f"w{n_streams - 1}"))
                 else:
                     lines.append("        " + _STORE[dt].format(ptr="P0", value="v0"))
             elif form == "f32":
                 lines.append(f"        ((float *)P{k})[i] = v{k};")
             elif form == "bf16":
-                h = _HASH.format(j=2 * (k - 2), j1=2 * (k - 2) + 1)
-                lines.append(f"        ((uint16_t *)P{k})[i] = lm_f32_to_bf16_sr(v{k}, {h});")
+                lines.append(f"        ((uint16_t *)P{k})[i] = lm_f32_to_bf16_sr(v{k}, w{k - 2});")
             else:
                 lines.append(f"        n{k}[i - i0] = v{k};")
                 lines.append(f"        m{k} = m{k} > lm_absbits(v{k}) ? m{k} : lm_absbits(v{k});")
+        lines += [f"        w{j} += LM_WEYL;" for j in first]
         lines.append("    }")
         for k in eight:
             if k not in written:
                 continue
             code_type, encode = ("int8_t", "lm_enc_s8") if forms[k - 2] == "s8" else ("uint8_t", "lm_enc_u8")
-            h = _HASH.format(j=2 * (k - 2), j1=2 * (k - 2) + 1)
             lines.append(f"    A{k}[i0 / LM_CHUNK] = lm_from_bits(m{k});")
             lines.append(f"    const float r{k} = lm_inv_absmax(lm_from_bits(m{k}));")
-            lines.append("    for (int64_t i = i0; i < i1; i++) /* LM_BODY_LOOP */")
-            lines.append(f"        (({code_type} *)P{k})[i] = {encode}(n{k}[i - i0], r{k}, {h});")
+            lines.append(f"    uint32_t w{k - 2} = lm_noise((uint32_t)i0, c{k - 2});")
+            lines.append(f"    for (int64_t i = i0; i < i1; i++, w{k - 2} += LM_WEYL) /* LM_BODY_LOOP */")
+            lines.append(f"        (({code_type} *)P{k})[i] = {encode}(n{k}[i - i0], r{k}, w{k - 2});")
         lines += ["    }", "}", ""]
         bodies.append("\n".join(lines))
     args = ", ".join(

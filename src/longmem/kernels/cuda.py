@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._rounding import PARAM_STREAM, noise_key
+from .._state_precision import LeanBuffer, LeanBuffers
 from .cpu import bump_versions, cache_dir
 from .program import OP_NAMES, Program
 
@@ -83,8 +85,11 @@ def available() -> bool:
     return True
 
 
-def kernel_source(program: Program) -> str:
-    """Python source of the ``@triton.jit`` kernel that runs ``program`` (see the module docstring)."""
+def kernel_source(program: Program, forms: Sequence[str] | None = None, stochastic: bool = False) -> str:
+    """Python source of the ``@triton.jit`` kernel that runs ``program`` (see the module docstring);
+    with ``forms`` or ``stochastic``, the lean kernel of :func:`lean_source`."""
+    if forms is not None or stochastic:
+        return lean_source(program, tuple(forms or ("f32",) * len(program.buffers)), stochastic)
     n_mem = program.n_mem
     scalars = [f"s{k}" for k in range(len(program.code))]
     lines = [
@@ -126,20 +131,200 @@ def kernel_source(program: Program) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: elements per program instance of a lean kernel: one 8-bit block (its absmax is a reduction)
+LEAN_BLOCK = 256
+_CODE_TY = {"bf16": "tl.uint16", "s8": "tl.int8", "u8": "tl.uint8"}
+#: float32(1 / L) of the 8-bit grids, as the CPU kernels' LM_INV127 / LM_INV255
+_INV_LEVELS = {"s8": "0.007874015718698502", "u8": "0.0039215688593685627"}
+
+# The codec, stated as in longmem_ops.h (and longmem/_state_precision.py) operation for operation,
+# on blocks: the same bits as the CPU kernels (Triton may contract a multiply and an add into an
+# FMA, so no such pair appears where the result is compared or stored).
+_CODEC = """
+@triton.jit
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _noise(offs, start, K, j, n_streams, t):
+    # lm_block_key, lm_noise: a Weyl sequence over the index, offset by the (stream, tensor) key
+    k0 = tl.load(K + (t * n_streams + j) * 2).to(tl.uint32)
+    k1 = tl.load(K + (t * n_streams + j) * 2 + 1).to(tl.uint32)
+    block_key = k0 ^ _mix32((start >> 32).to(tl.uint32) ^ k1)
+    return offs.to(tl.uint32) * 0x61C88647 + block_key
+
+
+@triton.jit
+def _bf16_sr(v, h):
+    r = (v.to(tl.uint32, bitcast=True) + (h >> 16)) & 0xFFFF0000
+    return tl.where((r & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r >> 16).to(tl.uint16)
+
+
+@triton.jit
+def _f16_sr(v, h):
+    u = v.to(tl.uint32, bitcast=True)
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    truncated = (a + (h >> 19)) & 0xFFFFE000
+    normal = tl.where(truncated >= (143 << 23), 0x7C00, (truncated - (112 << 23)) >> 13)
+    sub_range = a < (113 << 23)
+    scaled = tl.where(sub_range, tl.abs(v) * 16777216.0, 0.0)
+    whole = scaled.to(tl.int32)
+    threshold = ((scaled - whole.to(tl.float32)) * 16777216.0).to(tl.int32)
+    sub = whole.to(tl.uint32) + ((h >> 8).to(tl.int32) < threshold).to(tl.uint32)
+    mag = tl.where(a > 0x7F800000, 0x7E00, tl.where(sub_range, sub, normal))
+    return (mag | sign).to(tl.uint16)
+
+
+@triton.jit
+def _grid(k, INV, SIGNED: tl.constexpr):
+    t = k.to(tl.float32) * INV
+    if SIGNED:
+        return (t * t) * t
+    s = t * t
+    return s * s
+
+
+@triton.jit
+def _encode(v, mask, h, INV, LEVELS: tl.constexpr, SIGNED: tl.constexpr):
+    # the block's absmax (an integer max over |v|'s bits), then each code; returns (codes, absmax)
+    absmax = tl.max(tl.where(mask, v.to(tl.uint32, bitcast=True) & 0x7FFFFFFF, 0), axis=0)
+    absmax = absmax.to(tl.float32, bitcast=True)
+    inv = tl.where(absmax > 0.0, tl.div_rn(1.0, absmax), 0.0)
+    y = (tl.abs(v) * inv).to(tl.uint32, bitcast=True)
+    y = tl.minimum(y, 0x3F800000).to(tl.float32, bitcast=True)
+    if SIGNED:
+        root = tl.exp2(tl.log2(y) * (1.0 / 3.0))
+    else:
+        root = tl.sqrt_rn(tl.sqrt_rn(y))
+    k0 = tl.minimum(tl.maximum((root * LEVELS - 0.5).to(tl.int32), 0), LEVELS - 1)
+    g1 = _grid(k0 + 1, INV, SIGNED)
+    up = (y >= g1) & (k0 < LEVELS - 1)
+    other = _grid(k0 + 2 * up.to(tl.int32), INV, SIGNED)
+    lo = tl.where(up, g1, other)
+    hi = tl.where(up, other, g1)
+    fraction = ((h >> 8).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08) * (hi - lo)
+    k = k0 + up.to(tl.int32) + (fraction < y - lo).to(tl.int32)
+    if SIGNED:
+        k = tl.where(v.to(tl.int32, bitcast=True) < 0, -k, k)
+    else:
+        k = tl.where((k == 0) & (y > 0.0), 1, k)
+    return k, absmax
+"""
+
+
+def lean_source(program: Program, forms: tuple[str, ...], stochastic: bool) -> str:
+    """Python source of the Triton kernel that runs ``program`` on state stored in ``forms`` (one
+    per buffer: ``"f32"``, ``"bf16"``, ``"s8"``, ``"u8"``), decoding, updating and encoding it in
+    one pass with the counter-based noise of the CPU kernels; ``stochastic``: bf16/fp16 parameters
+    are written back with stochastic rounding. Each program instance takes one 8-bit block of
+    ``LEAN_BLOCK`` elements of one tensor, so a block's absmax is a reduction in registers.
+    ``PTRS`` rows: parameters, gradients, each buffer, then each buffer's scales (0 where none);
+    ``K``: per tensor and noise stream (each buffer, then the parameter) the key's two halves."""
+    n_mem = program.n_mem
+    n_streams = n_mem - 1
+    scalars = [f"s{k}" for k in range(len(program.code))]
+    written = program.written()
+    lines = [
+        '"""Generated by longmem.kernels.cuda.lean_source for state forms '
+        + ", ".join(forms)
+        + (", parameters stochastically rounded" if stochastic else "")
+        + ", the program:",
+        *("    " + line for line in str(program).splitlines()),
+        '"""',
+        "import triton",
+        "import triton.language as tl",
+        _CODEC,
+        "",
+        "@triton.jit",
+        "def kernel(PTRS, NUMEL, BLOCK_TENSOR, BLOCK_START, n_tensors, K, "
+        + "".join(f"{s}, " for s in scalars)
+        + "MAXIMIZE: tl.constexpr, P_TY: tl.constexpr, G_TY: tl.constexpr, BLOCK: tl.constexpr):",
+        "    pid = tl.program_id(0)",
+        "    t = tl.load(BLOCK_TENSOR + pid)",
+        "    start = tl.load(BLOCK_START + pid)",
+        "    offs = start + tl.arange(0, BLOCK)",
+        "    mask = offs < tl.load(NUMEL + t)",
+        "    ptr0 = tl.load(PTRS + t).to(tl.pointer_type(P_TY))",
+        "    ptr1 = tl.load(PTRS + n_tensors + t).to(tl.pointer_type(G_TY))",
+        "    v0 = tl.load(ptr0 + offs, mask=mask, other=0.0).to(tl.float32)",
+        "    v1 = tl.load(ptr1 + offs, mask=mask, other=0.0).to(tl.float32)",
+        "    if MAXIMIZE:",
+        "        v1 = -v1",
+    ]
+    for k in range(2, n_mem):
+        form = forms[k - 2]
+        ty = "tl.float32" if form == "f32" else _CODE_TY[form]
+        lines.append(f"    ptr{k} = tl.load(PTRS + {k} * n_tensors + t).to(tl.pointer_type({ty}))")
+        if form == "f32":
+            lines.append(f"    v{k} = tl.load(ptr{k} + offs, mask=mask, other=0.0)")
+        elif form == "bf16":
+            code = f"tl.load(ptr{k} + offs, mask=mask, other=0).to(tl.uint32)"
+            lines.append(f"    v{k} = ({code} << 16).to(tl.float32, bitcast=True)")
+        else:
+            row = f"PTRS + {n_mem + k - 2} * n_tensors + t"
+            lines.append(f"    scale{k} = tl.load({row}).to(tl.pointer_type(tl.float32))")
+            lines.append(f"    block{k} = start // BLOCK")
+            code = f"tl.load(ptr{k} + offs, mask=mask, other=0).to(tl.int32)"
+            signed = form == "s8"
+            grid = f"_grid({code}, {_INV_LEVELS[form]}, {signed})"
+            lines.append(f"    v{k} = {grid} * tl.load(scale{k} + block{k})")
+    for k, (op, d, a, b, c) in enumerate(program.code):
+        expr = _EXPR[OP_NAMES[op]].format(a=f"v{a}", b=f"v{b}", c=f"v{c}", s=f"s{k}")
+        lines.append(f"    v{d} = {expr}")
+    for k in written:
+        if k == 0:
+            nearest = 'v0.to(P_TY, fp_downcast_rounding="rtne")'
+            if stochastic:
+                bits = "ptr0.to(tl.pointer_type(tl.uint16)) + offs"
+                lines += [
+                    f"    h = _noise(offs, start, K, {n_streams - 1}, {n_streams}, t)",
+                    "    if P_TY == tl.bfloat16:",
+                    f"        tl.store({bits}, _bf16_sr(v0, h), mask=mask)",
+                    "    elif P_TY == tl.float16:",
+                    f"        tl.store({bits}, _f16_sr(v0, h), mask=mask)",
+                    "    else:",
+                    f"        tl.store(ptr0 + offs, {nearest}, mask=mask)",
+                ]
+            else:
+                lines.append(f"    tl.store(ptr0 + offs, {nearest}, mask=mask)")
+            continue
+        form = forms[k - 2]
+        if form == "f32":
+            lines.append(f"    tl.store(ptr{k} + offs, v{k}, mask=mask)")
+            continue
+        lines.append(f"    h = _noise(offs, start, K, {k - 2}, {n_streams}, t)")
+        if form == "bf16":
+            lines.append(f"    tl.store(ptr{k} + offs, _bf16_sr(v{k}, h), mask=mask)")
+        else:
+            levels, signed = (127, True) if form == "s8" else (255, False)
+            ty = _CODE_TY[form]
+            encode = f"_encode(v{k}, mask, h, {_INV_LEVELS[form]}, {levels}, {signed})"
+            lines.append(f"    codes, absmax = {encode}")
+            lines.append(f"    tl.store(ptr{k} + offs, codes.to({ty}), mask=mask)")
+            lines.append(f"    tl.store(scale{k} + block{k}, absmax)")
+    return "\n".join(lines) + "\n"
+
+
 _lock = threading.Lock()
 _modules: dict[tuple, ModuleType] = {}
 
 
-def _kernel(program: Program) -> Any:
-    """The generated Triton kernel for ``program``'s signature (written to a file: Triton reads
-    a kernel's source)."""
-    key = program.signature()
+def _kernel(program: Program, forms: tuple[str, ...] | None = None, stochastic: bool = False) -> Any:
+    """The generated Triton kernel for ``program``'s signature (a lean one for ``forms`` or
+    ``stochastic``), written to a file: Triton reads a kernel's source."""
+    key = (program.signature(), forms, stochastic)
     module = _modules.get(key)
     if module is None:
         with _lock:
             module = _modules.get(key)
             if module is None:
-                source = kernel_source(program)
+                source = kernel_source(program, forms, stochastic)
                 digest = hashlib.sha256(source.encode()).hexdigest()[:20]
                 path = cache_dir() / "triton" / f"longmem_prog_{digest}.py"
                 if not path.exists():
@@ -170,17 +355,19 @@ def _fits(p: Tensor, g: Tensor, bufs: Sequence[Tensor]) -> bool:
 _tables: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _block_tables(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(numel per tensor, tensor of each block, first element of each block), on ``device``;
-    they depend only on the sizes, so they are kept between steps."""
-    key = (numels, device)
+def _block_tables(
+    numels: tuple[int, ...], device: torch.device, block: int = BLOCK
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(numel per tensor, tensor of each block, first element of each block) for blocks of
+    ``block`` elements, on ``device``; they depend only on the sizes, so they are kept between steps."""
+    key = (numels, device, block)
     tables = _tables.get(key)
     if tables is None:
         numel = torch.tensor(numels, dtype=torch.int64)
-        blocks = (numel + BLOCK - 1) // BLOCK
+        blocks = (numel + block - 1) // block
         block_tensor = torch.repeat_interleave(torch.arange(len(numels)), blocks)
         first_block = torch.cumsum(blocks, 0) - blocks
-        block_start = (torch.arange(len(block_tensor)) - first_block[block_tensor]) * BLOCK
+        block_start = (torch.arange(len(block_tensor)) - first_block[block_tensor]) * block
         tables = (numel.to(device), block_tensor.to(torch.int32).to(device), block_start.to(device))
         if len(_tables) > 64:
             _tables.clear()
@@ -209,8 +396,8 @@ def run_step(
             "pip install triton); running the foreach path, with the same results",
         )
         return list(indices)
-    if param_streams is not None or any(type(row).__name__ == "LeanBuffers" for row in state):
-        return list(indices)  # TODO lean
+    if param_streams is not None or any(isinstance(row, LeanBuffers) for row in state):
+        return run_lean_step(trace, params, grads, state, steps, indices, maximize, param_streams)
     rejected: list[int] = []
     groups: dict[tuple, list[int]] = {}
     for i in indices:
@@ -261,4 +448,115 @@ def launch(
             BLOCK=BLOCK,
         )
     # written through raw pointers: tell autograd, as an in-place torch operation would
+    bump_versions(params)
+
+
+# ---- lean state and stochastic parameter rounding ------------------------------------------------
+
+
+def _lean_form(buf: object, device: int, numel: int) -> str | None:
+    if isinstance(buf, LeanBuffer):
+        ok = buf.codes.get_device() == device and buf.codes.is_contiguous() and buf.codes.numel() == numel
+        return buf.form if ok else None
+    if isinstance(buf, Tensor) and buf.dtype == torch.float32 and buf.get_device() == device:
+        return "f32" if buf.is_contiguous() and buf.numel() == numel else None
+    return None
+
+
+def takes_lean(p: Tensor, g: Tensor, stored: Sequence[Tensor]) -> bool:
+    """Whether the lean Triton kernels can step ``p`` with its state buffers as ``stored``."""
+    if p.dtype not in _TRITON_DTYPES or g.dtype not in _TRITON_DTYPES:
+        return False
+    device = p.get_device()
+    return (
+        p.is_contiguous()
+        and g.is_contiguous()
+        and g.get_device() == device
+        and g.numel() == p.numel()
+        and all(b.get_device() == device and b.is_contiguous() and b.numel() == p.numel() for b in stored)
+    )
+
+
+def run_lean_step(
+    trace: Callable[[float], Program],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Sequence[Sequence[Any]],
+    steps: Sequence[float],
+    indices: Sequence[int],
+    maximize: bool,
+    param_streams: Sequence[int] | None,
+) -> list[int]:
+    """:func:`run_step` for lean state (``LeanBuffer`` entries) and stochastically rounded
+    parameters: one launch per (device, step, dtypes, forms); returns the indices it cannot take."""
+    rejected: list[int] = []
+    groups: dict[tuple, list[int]] = {}
+    for i in indices:
+        p, g = params[i], grads[i]
+        forms = tuple(_lean_form(row[i], p.get_device(), p.numel()) for row in state)
+        if None in forms or not takes_lean(p, g, ()):
+            rejected.append(i)
+            continue
+        groups.setdefault((p.device, steps[i], p.dtype, g.dtype, forms), []).append(i)
+    programs: dict[float, Program] = {}
+    stochastic = param_streams is not None
+    for (device, t, p_dtype, g_dtype, forms), members in groups.items():
+        if t not in programs:
+            programs[t] = trace(t)
+        prog = programs[t]
+        rows = [[params[i] for i in members], [grads[i] for i in members]]
+        buffers = [[row[i] for i in members] for row in state]
+        rows += [[b.codes if isinstance(b, LeanBuffer) else b for b in row] for row in buffers]
+        scales = [[b.scales if isinstance(b, LeanBuffer) else None for b in row] for row in buffers]
+        keys = []
+        for i in members:
+            lean = [row[i] for row in state if isinstance(row[i], LeanBuffer)]
+            position = param_streams[i] if stochastic else (lean[0].position if lean else 0)
+            streams = [row[i].stream if isinstance(row[i], LeanBuffer) else k for k, row in enumerate(state)]
+            for stream in [*streams, PARAM_STREAM]:
+                key = noise_key(t, position, stream)
+                keys += [key & 0xFFFFFFFF, key >> 32]
+        launch_lean(prog, rows, scales, keys, device, p_dtype, g_dtype, maximize, forms, stochastic)
+    return rejected
+
+
+def launch_lean(
+    program: Program,
+    rows: Sequence[Sequence[Tensor]],
+    scales: Sequence[Sequence[Tensor | None]],
+    keys: Sequence[int],
+    device: torch.device,
+    p_dtype: torch.dtype,
+    g_dtype: torch.dtype,
+    maximize: bool,
+    forms: tuple[str, ...],
+    stochastic: bool,
+) -> None:
+    """One launch of the lean kernel over the tensors in ``rows`` (parameters, gradients, each
+    buffer's tensors or codes), with each buffer's ``scales`` and the noise ``keys`` (per tensor and
+    stream, the two halves)."""
+    import triton.language as tl
+
+    kernel = _kernel(program, forms, stochastic)
+    params = rows[0]
+    numels = tuple(p.numel() for p in params)
+    numel, block_tensor, block_start = _block_tables(numels, device, LEAN_BLOCK)
+    pointers = [x.data_ptr() for row in rows for x in row]
+    pointers += [0 if x is None else x.data_ptr() for row in scales for x in row]
+    ptrs = torch.tensor(pointers, dtype=torch.int64).to(device)
+    key_table = torch.tensor(keys, dtype=torch.int64).to(device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[(len(block_tensor),)](
+            ptrs,
+            numel,
+            block_tensor,
+            block_start,
+            len(params),
+            key_table,
+            *program.scalars,
+            MAXIMIZE=bool(maximize),
+            P_TY=_TRITON_DTYPES[p_dtype](tl),
+            G_TY=_TRITON_DTYPES[g_dtype](tl),
+            BLOCK=LEAN_BLOCK,
+        )
     bump_versions(params)

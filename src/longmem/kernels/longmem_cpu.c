@@ -183,10 +183,11 @@ static void decode_block(float *restrict dst, const void *src, int form, float a
 static float encode_block(void *dst, int form, const float *restrict src, int64_t off, int64_t n,
                           const uint32_t *key) {
     int64_t i;
-    const uint32_t ihi = (uint32_t)((uint64_t)off >> 32), lo = (uint32_t)off, k0 = key[0], k1 = key[1];
+    /* the noise of element off + i, carried by the loops: one add per element */
+    uint32_t w = lm_noise((uint32_t)off, lm_block_key((uint32_t)((uint64_t)off >> 32), key[0], key[1]));
     if (form == LM_FORM_BF16) {
         uint16_t *d = (uint16_t *)dst + off;
-        for (i = 0; i < n; i++) d[i] = lm_f32_to_bf16_sr(src[i], lm_hash(lo + (uint32_t)i, ihi, k0, k1)); /* LM_BODY_LOOP */
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_f32_to_bf16_sr(src[i], w); /* LM_BODY_LOOP */
         return 0.0f;
     }
     uint32_t m = 0;
@@ -194,10 +195,10 @@ static float encode_block(void *dst, int form, const float *restrict src, int64_
     const float absmax = lm_from_bits(m), inv = lm_inv_absmax(absmax);
     if (form == LM_FORM_S8) {
         int8_t *d = (int8_t *)dst + off;
-        for (i = 0; i < n; i++) d[i] = lm_enc_s8(src[i], inv, lm_hash(lo + (uint32_t)i, ihi, k0, k1)); /* LM_BODY_LOOP */
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_enc_s8(src[i], inv, w); /* LM_BODY_LOOP */
     } else {
         uint8_t *d = (uint8_t *)dst + off;
-        for (i = 0; i < n; i++) d[i] = lm_enc_u8(src[i], inv, lm_hash(lo + (uint32_t)i, ihi, k0, k1)); /* LM_BODY_LOOP */
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_enc_u8(src[i], inv, w); /* LM_BODY_LOOP */
     }
     return absmax;
 }
@@ -205,12 +206,12 @@ static float encode_block(void *dst, int form, const float *restrict src, int64_
 static void store_rounded(void *dst, int dtype, int64_t off, const float *restrict src, int64_t n,
                           const uint32_t *key) {
     int64_t i;
-    const uint32_t ihi = (uint32_t)((uint64_t)off >> 32), lo = (uint32_t)off, k0 = key[0], k1 = key[1];
+    uint32_t w = lm_noise((uint32_t)off, lm_block_key((uint32_t)((uint64_t)off >> 32), key[0], key[1]));
     uint16_t *d = (uint16_t *)dst + off;
     if (dtype == LM_BF16) {
-        for (i = 0; i < n; i++) d[i] = lm_f32_to_bf16_sr(src[i], lm_hash(lo + (uint32_t)i, ihi, k0, k1)); /* LM_BODY_LOOP */
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_f32_to_bf16_sr(src[i], w); /* LM_BODY_LOOP */
     } else if (dtype == LM_F16) {
-        for (i = 0; i < n; i++) d[i] = lm_f32_to_f16_sr(src[i], lm_hash(lo + (uint32_t)i, ihi, k0, k1)); /* LM_BODY_LOOP */
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_f32_to_f16_sr(src[i], w); /* LM_BODY_LOOP */
     }
 }
 
