@@ -1,12 +1,10 @@
 """Lean optimizer state: ``state_precision="bf16"`` or ``"8bit"`` on every longmem optimizer.
 
-The state is *stored* compressed and *computed* in float32: each step decodes a chunk of parameters'
-state (or a piece of one large tensor) to float32 work tensors, runs the optimizer's unchanged
-update rule on them (per tensor, foreach or fused, exactly as with ``"fp32"``), and encodes the
-result back. Every encoding rounds **stochastically**: rounded up with probability (distance to the
-lower grid point) / (grid spacing), so the stored value is unbiased. Round-to-nearest is not an
-option: with beta 0.9999 an EMA's increment ``(1 - beta) * (g - m)`` is far below one grid step, so
-it would be rounded away every step and the slow EMA would stop moving (SPEC.md).
+The state is *stored* compressed and *computed* in float32. Every encoding rounds **stochastically**:
+up with probability (distance to the lower grid point) / (grid spacing), so the stored value is
+unbiased. Round-to-nearest is not an option: with beta 0.9999 an EMA's increment
+``(1 - beta) * (g - m)`` is far below one grid step, so it would be rounded away every step and the
+slow EMA would stop moving (SPEC.md).
 
 Modes (``MODES``):
 
@@ -16,9 +14,9 @@ Modes (``MODES``):
   float32 result (``round_bf16``).
 * ``"8bit"``: each state buffer of a tensor with at least ``MIN_8BIT_NUMEL`` elements as one byte per
   element plus one float32 scale per ``BLOCK_SIZE`` elements (``quantize``): the block's absolute
-  maximum ``absmax``, and a code ``c`` meaning ``absmax * (c / L) ** P``. Signed buffers (first
-  moments, the previous gradient) use int8 codes with ``L = 127, P = 3``; non-negative ones (second
-  moments ``exp_avg_sq``, AdaMod's step-size average ``exp_avg_lr``) use uint8 codes with
+  maximum ``absmax``, and a code ``c`` meaning ``absmax * g(c)``, ``g(c) = (c / L) ** P``. Signed
+  buffers (first moments, the previous gradient) use int8 codes with ``L = 127, P = 3``; non-negative
+  ones (second moments ``exp_avg_sq``, AdaMod's step-size average ``exp_avg_lr``) use uint8 codes with
   ``L = 255, P = 4``, i.e. ``sqrt(nu)`` on a quadratic grid. The power grids resolve entries far below
   their block's maximum (down to about 5e-7 of it for P = 3, 2e-10 for P = 4) where a linear grid
   would round them to zero. A positive second moment is never rounded to zero: below the smallest
@@ -28,10 +26,33 @@ Modes (``MODES``):
 Only float32, bfloat16 and float16 parameters (plain tensors) get lean state; float64, complex and
 DTensor parameters keep full-precision state in every mode.
 
-Rounding noise is counter-based: the generator of each (parameter, buffer, step) is seeded from the
-parameter's position in the optimizer, the buffer and the step count (``rounding_seed``). The step
-count is in every state dict, so a resumed run draws the same noise and is bit-identical to one that
-never stopped; nothing else needs saving.
+Where the step runs:
+
+* **Fused groups** (``fused=True``) whose state is already in the group's form run in the fused
+  kernels (``_step_in_kernels``): the C kernels on CPU, the Triton ones on CUDA read the stored
+  codes, decode, run the rule in float32 and encode with stochastic rounding in the same single
+  pass, updating the codes in place; no float32 copy of the state exists. 8-bit state needs the
+  absmax of a block's *new* values before any of them can be encoded; the kernels use a
+  block-local scheme: each thread (CPU) or program instance (Triton) takes whole 256-element
+  blocks; the loop over a block decodes it with its old scale, runs the rule, stores the
+  parameter and keeps the block's new values (1 KiB per buffer, in L1 or registers) with their
+  absmax (an integer max over the float bits), and a second loop over the same block encodes them
+  with the new absmax. Every element still crosses the memory bus once per step.
+* **Everything else** (the per-tensor and foreach paths, a step that changes the mode, tensors the
+  kernels cannot take, no C compiler) decodes the state to float32 work tensors, runs the
+  unchanged rule and encodes the result, a chunk of parameters (or a piece of one large tensor)
+  at a time, so its float32 work memory is bounded.
+
+Both compute the same codec operation for operation (``longmem_ops.h``: ``lm_enc_s8``, ``lm_enc_u8``,
+``lm_f32_to_bf16_sr``): from the same float32 values every path stores the same bits. The 8-bit
+encoder finds the cell ``g(k) <= y < g(k + 1)`` of ``y = |x| / absmax`` by comparison with the grid
+itself (a root only proposes ``k`` or one below), and rounds up when 24 noise bits, as a fraction of
+the cell, fall below ``y - g(k)``.
+
+Rounding noise is counter-based (``longmem._rounding``): a fixed integer function of (seed, the
+parameter's position in the optimizer, the buffer, the step, the element's index), computed alike
+by torch, C and Triton. The step count is in every state dict, so a resumed run draws the same noise
+and is bit-identical to one that never stopped; nothing else needs saving.
 
 State dicts: ``param_groups`` record each group's ``state_precision``; 8-bit buffers are saved as
 their codes (int8/uint8, the parameter's shape) under the buffer's name plus ``<name>_absmax``
@@ -40,6 +61,14 @@ saved mode (as for every hyperparameter, the state dict's value replaces the opt
 mode, set ``group["state_precision"]``: the next step converts the stored state: to ``"fp32"``
 exactly, to a lean mode with stochastic rounding. A state dict saved before this option existed
 keeps the loading optimizer's mode, its float32 state converted on the next step.
+
+Across the change to counter-based noise and the kernels' codec (longmem after 0.1.0's first lean
+state): the state dict format is the same and old checkpoints load and continue. What differs for
+such a run: the rounding noise is not the old torch generator's, so it does not continue with the
+bits the old version would have produced (it continues as a valid run, bit-identical from then on
+across further resumes); a code now decodes as ``c * float32(1 / L)`` raised by products
+(``_grid``) instead of ``(c / L) ** P`` with torch's pow, which can differ in the last bit; and a
+block holding NaN or Inf now gets well-defined codes (its scale still makes it decode non-finite).
 """
 
 from __future__ import annotations
@@ -489,15 +518,19 @@ class LeanBuffers(list):  # type: ignore[type-arg]
 
 def _in_form(stored: dict[str, Any], name: str, p: Tensor, form: str) -> bool:
     """Whether buffer ``name`` of ``p`` is stored in ``form`` already (no conversion this step)."""
-    from ._base import state_dtype
-
     buf = stored[name]
     if form == "full":
-        return buf.dtype == state_dtype(p)
+        return buf.dtype == _full_dtype(p)
     if form == "bf16":
         return buf.dtype == torch.bfloat16
     want = torch.uint8 if name in UNSIGNED_BUFFERS else torch.int8
     return buf.dtype == want and name + SCALE_SUFFIX in stored
+
+
+def _full_dtype(p: Tensor) -> torch.dtype:
+    from ._base import state_dtype
+
+    return state_dtype(p)
 
 
 def _for_kernel(stored: dict[str, Any], name: str, stream: int, position: int) -> Tensor | LeanBuffer:
