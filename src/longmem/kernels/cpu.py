@@ -309,15 +309,7 @@ int longmem_abi_version(void) {{ return {ABI_VERSION}; }}
 
 int longmem_kernel(void *const *ptrs, const int64_t *numel, const int8_t *dtype, const double *scalar,
                    int32_t maximize, int64_t n_tensors, int64_t begin, int64_t end) {{
-    float S[{max(1, len(program.code))}];
-    for (int k = 0; k < {len(program.code)}; k++) S[k] = (float)scalar[k];
-    uint32_t gsign = maximize ? 0x80000000u : 0u;
-    int64_t start = 0;
-    for (int64_t t = 0; t < n_tensors && start < end; start += numel[t], t++) {{
-        int64_t lo = begin > start ? begin - start : 0;
-        int64_t hi = end - start < numel[t] ? end - start : numel[t];
-        if (lo >= hi) continue;
-        void *p = ptrs[t];
+{_entry_prologue(program)}        void *p = ptrs[t];
         const void *g = ptrs[n_tensors + t];
         switch (dtype[t]) {{
         case LM_F32: body_f32({args}, lo, hi, S, gsign); break;
@@ -328,6 +320,20 @@ int longmem_kernel(void *const *ptrs, const int64_t *numel, const int8_t *dtype,
     }}
     return 0;
 }}
+"""
+
+
+def _entry_prologue(program: Program) -> str:
+    """The entry point's start: the scalars as floats, then the loop over the tensors of the range
+    ``[begin, end)`` of their concatenation, each with its own ``[lo, hi)``."""
+    return f"""    float S[{max(1, len(program.code))}];
+    for (int k = 0; k < {len(program.code)}; k++) S[k] = (float)scalar[k];
+    uint32_t gsign = maximize ? 0x80000000u : 0u;
+    int64_t start = 0;
+    for (int64_t t = 0; t < n_tensors && start < end; start += numel[t], t++) {{
+        int64_t lo = begin > start ? begin - start : 0;
+        int64_t hi = end - start < numel[t] ? end - start : numel[t];
+        if (lo >= hi) continue;
 """
 
 
@@ -470,15 +476,7 @@ int longmem_abi_version(void) {{ return {ABI_VERSION}; }}
 int longmem_lean_kernel(void *const *ptrs, const int64_t *numel, const int8_t *dtype, const double *scalar,
                         int32_t maximize, int64_t n_tensors, int64_t begin, int64_t end,
                         const int64_t *position, const int32_t *stream, double step) {{
-    float S[{max(1, len(program.code))}];
-    for (int k = 0; k < {len(program.code)}; k++) S[k] = (float)scalar[k];
-    uint32_t gsign = maximize ? 0x80000000u : 0u;
-    int64_t start = 0;
-    for (int64_t t = 0; t < n_tensors && start < end; start += numel[t], t++) {{
-        int64_t lo = begin > start ? begin - start : 0;
-        int64_t hi = end - start < numel[t] ? end - start : numel[t];
-        if (lo >= hi) continue;
-        if (lo % {LEAN_BLOCK}) return -2;
+{_entry_prologue(program)}        if (lo % {LEAN_BLOCK}) return -2;
         uint32_t K[{2 * n_streams}];
         for (int j = 0; j < {n_streams}; j++) {{
             uint64_t key = lm_noise_key(step, position[t], (uint32_t)stream[j]);

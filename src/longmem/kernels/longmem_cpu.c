@@ -168,8 +168,7 @@ enum { LM_FORM_F32 = 0, LM_FORM_BF16 = 1, LM_FORM_S8 = 2, LM_FORM_U8 = 3 };
 static void decode_block(float *restrict dst, const void *src, int form, float absmax, int64_t off, int64_t n) {
     int64_t i;
     if (form == LM_FORM_BF16) {
-        const uint16_t *s = (const uint16_t *)src + off;
-        for (i = 0; i < n; i++) dst[i] = lm_bf16_to_f32(s[i]); /* LM_BODY_LOOP */
+        load_f32(dst, src, LM_BF16, off, n, 0);
     } else if (form == LM_FORM_S8) {
         const int8_t *s = (const int8_t *)src + off;
         for (i = 0; i < n; i++) dst[i] = lm_dec_s8(s[i], absmax); /* LM_BODY_LOOP */
