@@ -78,22 +78,42 @@ def noise_key(step: float, position: int, stream: int) -> int:
     return _splitmix64(_splitmix64(z ^ position) ^ stream)
 
 
-def _mix(x: Tensor) -> Tensor:
-    """One round of the mixer on int64 ``x`` holding values in [0, 2^32), in place."""
-    x.bitwise_xor_(x >> 16)
-    x.mul_(MIX_C1).bitwise_and_(_MASK32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(MIX_C2).bitwise_and_(_MASK32)
-    return x.bitwise_xor_(x >> 15)
+def _mix(x: int) -> int:
+    """One round of the mixer on a 32-bit value."""
+    x ^= x >> 16
+    x = (x * MIX_C1) & _MASK32
+    x ^= x >> 15
+    x = (x * MIX_C2) & _MASK32
+    return x ^ (x >> 15)
+
+
+#: (n, device) -> (arange(n) * WEYL) mod 2^32: the noise of a run of n elements up to its offset
+_WEYL_RUNS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _weyl_run(n: int, device: torch.device) -> Tensor:
+    run = _WEYL_RUNS.get((n, device))
+    if run is None:
+        run = torch.arange(n, dtype=torch.int64, device=device).mul_(WEYL).bitwise_and_(_MASK32)
+        if len(_WEYL_RUNS) > 16:
+            _WEYL_RUNS.clear()
+        _WEYL_RUNS[(n, device)] = run
+    return run
 
 
 def noise(key: int, start: int, n: int, device: torch.device | str = "cpu") -> Tensor:
     """The 32-bit noise of elements ``start .. start + n - 1`` under ``key`` (int64, in [0, 2^32)):
     ``index_lo * WEYL + block_key`` (mod 2^32), the block key ``key_lo ^ mix(index_hi ^ key_hi)``,
     constant over each aligned run of 2^32 elements (``lm_noise``, ``lm_block_key``)."""
-    index = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    block_key = _mix((index >> 32) ^ (key >> 32)).bitwise_xor_(key & _MASK32)
-    return block_key.add_((index & _MASK32).mul_(WEYL)).bitwise_and_(_MASK32)
+    device = torch.device(device)
+    pieces = []
+    while n > 0:  # one piece per run of 2^32 elements: one block key each
+        take = min(n, (1 << 32) - (start & _MASK32))
+        block_key = (key & _MASK32) ^ _mix((start >> 32) ^ (key >> 32))
+        offset = ((start & _MASK32) * WEYL + block_key) & _MASK32
+        pieces.append(_weyl_run(take, device).add(offset).bitwise_and_(_MASK32))
+        start, n = start + take, n - take
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _bits(x: Tensor) -> Tensor:
@@ -102,23 +122,22 @@ def _bits(x: Tensor) -> Tensor:
 
 
 def _as_int16(bits16: Tensor) -> Tensor:
-    """int64 values in [0, 2^16) as the int16 tensor with those bits."""
-    return torch.where(bits16 >= 1 << 15, bits16 - (1 << 16), bits16).to(torch.int16)
+    """int64 values in [0, 2^16) as the int16 tensor with those bits (in place)."""
+    return bits16.bitwise_xor_(1 << 15).sub_(1 << 15).to(torch.int16)
 
 
 def round_bf16(x: Tensor, key: int, start: int = 0) -> Tensor:
     """float32 ``x`` as bfloat16, rounded stochastically with the noise of ``key`` for elements
     ``start ...`` (``x`` flattened): unbiased, off by less than one bf16 ulp.
 
-    bfloat16 is float32 without its low 16 bits: a 16-bit noise value is added to the bit pattern,
-    carrying into bit 16 with probability (low bits) / 2^16, and the low bits are dropped.
-    Infinities stay infinite; a NaN becomes the canonical NaN 0x7fc0 (as ``lm_f32_to_bf16_sr``).
+    bfloat16 is float32 without its low 16 bits: a 16-bit noise value is added to the bit pattern
+    (mod 2^32), carrying into bit 16 with probability (low bits) / 2^16, and the low bits are
+    dropped (``lm_f32_to_bf16_sr``). Infinities stay infinite (a carry past the largest finite
+    value gives one, as it should), the usual NaNs (quiet, a payload in the top bits) stay NaN.
     """
-    r = (_bits(x).view(-1) + (noise(key, start, x.numel(), x.device) >> 16)) & 0xFFFF0000
-    # r is NaN when its exponent is all ones and its mantissa is not zero
-    is_nan = (r & 0x7FFFFFFF) > 0x7F800000
-    bits16 = torch.where(is_nan, 0x7FC0, r >> 16)
-    return _as_int16(bits16).view(torch.bfloat16).view(x.shape)
+    bits = _bits(x).view(-1)
+    rounded = bits.add_(noise(key, start, bits.numel(), x.device) >> 16).bitwise_right_shift_(16)
+    return _as_int16(rounded.bitwise_and_(0xFFFF)).view(torch.bfloat16).view(x.shape)
 
 
 #: float32 bit patterns: |x| >= 2^-14 (fp16's smallest normal), |x| >= 2^16 (fp16 overflow)

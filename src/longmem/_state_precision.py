@@ -179,28 +179,28 @@ def quantize(x: Tensor, signed: bool, key: int, start: int = 0) -> tuple[Tensor,
     """
     levels, _ = SIGNED_GRID if signed else UNSIGNED_GRID
     blocks = _blocks(x.reshape(-1).float())
+    bits = blocks.view(torch.int32)
     # the block's absmax as an integer max over |x|'s bits (the float max, NaN above inf)
-    absmax = (blocks.view(torch.int32) & 0x7FFFFFFF).amax(dim=1).view(torch.float32)
+    absmax = (bits & 0x7FFFFFFF).amax(dim=1).view(torch.float32)
     inv = torch.where(absmax > 0, absmax.reciprocal(), 0.0)
-    # y = |x| / absmax, at most 1: an unsigned min on the bits (NaN of either sign becomes 1)
-    y = blocks.abs().mul_(inv[:, None]).view(torch.int32).to(torch.int64).bitwise_and_(0xFFFFFFFF)
-    y = y.clamp_(max=0x3F800000).to(torch.int32).view(torch.float32)
+    # y = |x| / absmax, at most 1; NaN (of either sign) becomes 1 (lm_unit: an unsigned min on the bits)
+    y = blocks.abs().mul_(inv[:, None]).nan_to_num_(nan=1.0).clamp_(max=1.0)
+    positive = None if signed else y > 0
     # a proposal for the cell, its k or one below, then the cell by comparison with the grid itself
     root = y.pow(1.0 / 3.0) if signed else y.sqrt().sqrt_()
     k0 = root.mul_(levels).sub_(0.5).to(torch.int32).clamp_(0, levels - 1)
-    g1 = _grid(k0 + 1, signed)
-    up = (y >= g1) & (k0 < levels - 1)
-    other = _grid(k0 + 2 * up, signed)
-    lo = torch.where(up, g1, other)
-    hi = torch.where(up, other, g1)
+    k = k0.add_((y >= _grid(k0 + 1, signed)).logical_and_(k0 < levels - 1))
+    lo = _grid(k, signed)  # the cell [lo, hi): the same values the kernels pick (LM_ENCODE)
+    hi = _grid(k + 1, signed)
     # round up when the noise, as a fraction of the cell, falls below y - lo (lm_round_up)
-    noise = _rounding.noise(key, start, y.numel(), x.device).view(y.shape) >> (32 - _NOISE_BITS)
-    fraction = noise.to(torch.float32).mul_(2.0**-_NOISE_BITS).mul_(hi.sub_(lo))
-    k = (k0 + up).add_(fraction < y - lo)
-    if signed:
-        k = torch.where(blocks.view(torch.int32) < 0, -k, k)
+    noise = (_rounding.noise(key, start, y.numel(), x.device) >> (32 - _NOISE_BITS)).to(torch.int32)
+    fraction = noise.view(y.shape).to(torch.float32).mul_(2.0**-_NOISE_BITS).mul_(hi.sub_(lo))
+    k = k.add_(fraction < y.sub_(lo))
+    if signed:  # (k ^ s) - s, s = -1 for a negative x (its sign bit), else 0
+        sign = bits >> 31
+        k = k.bitwise_xor_(sign).sub_(sign)
     else:  # a positive value rounded to 0: up to the first grid point instead
-        k = torch.where((k == 0) & (y > 0), 1, k)
+        k = k.add_((k == 0).logical_and_(positive))
     codes = k.to(torch.int8 if signed else torch.uint8).view(-1)[: x.numel()].view(x.shape)
     return codes, absmax
 

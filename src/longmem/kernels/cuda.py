@@ -161,8 +161,7 @@ def _noise(offs, start, K, j, n_streams, t):
 
 @triton.jit
 def _bf16_sr(v, h):
-    r = (v.to(tl.uint32, bitcast=True) + (h >> 16)) & 0xFFFF0000
-    return tl.where((r & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r >> 16).to(tl.uint16)
+    return ((v.to(tl.uint32, bitcast=True) + (h >> 16)) >> 16).to(tl.uint16)
 
 
 @triton.jit

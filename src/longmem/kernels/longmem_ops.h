@@ -155,13 +155,16 @@ static inline uint32_t lm_block_key(uint32_t index_hi, uint32_t k0, uint32_t k1)
 #define LM_WEYL 0x61C88647u /* 2^32 (2 - golden ratio), odd */
 static inline uint32_t lm_noise(uint32_t index_lo, uint32_t block_key) { return index_lo * LM_WEYL + block_key; }
 
+/* |x| as bits: for non-negative floats the integer order is the float order (NaN above inf), so a
+ * block's absmax is an integer max, which vectorizes without -ffast-math */
+static inline uint32_t lm_absbits(float x) { return lm_bits(x) & 0x7fffffffu; }
+
 /* ---- stochastic rounding: unbiased, off by less than one unit of the target's grid ------------- */
 
-/* f32 -> bf16: 16 noise bits added below the bits bf16 keeps, then dropped; NaN -> 0x7fc0 */
-static inline uint16_t lm_f32_to_bf16_sr(float f, uint32_t h) {
-    uint32_t r = (lm_bits(f) + (h >> 16)) & 0xffff0000u;
-    return (uint16_t)lm_select((r & 0x7fffffffu) > 0x7f800000u, 0x7fc0u, r >> 16);
-}
+/* f32 -> bf16: 16 noise bits added below the bits bf16 keeps, then dropped (mod 2^32). Infinities
+ * stay infinite, the usual NaNs (quiet, a payload in the top bits) stay NaN; no special case, which
+ * in a bf16 step's loop would cost more than the rounding. */
+static inline uint16_t lm_f32_to_bf16_sr(float f, uint32_t h) { return (uint16_t)((lm_bits(f) + (h >> 16)) >> 16); }
 /* f32 -> f16. Normal results: 13 noise bits below the 10 mantissa bits kept, truncated (a carry past
  * 65504 gives inf). Subnormal results, multiples of 2^-24: |f| * 2^24 (exact) rounded up with the
  * probability of its fraction, to 2^-24. NaN -> 0x7e00 with f's sign, as lm_f32_to_f16. */
@@ -196,9 +199,6 @@ static inline float lm_grid_s8(int32_t k) { float t = (float)k * LM_INV127; retu
 static inline float lm_grid_u8(int32_t k) { float t = (float)k * LM_INV255; float s = t * t; return s * s; }
 static inline float lm_dec_s8(int8_t c, float absmax) { return lm_grid_s8(c) * absmax; }
 static inline float lm_dec_u8(uint8_t c, float absmax) { return lm_grid_u8(c) * absmax; }
-/* |x| as bits: for non-negative floats the integer order is the float order (NaN above inf), so a
- * block's absmax is an integer max, which vectorizes without -ffast-math */
-static inline uint32_t lm_absbits(float x) { return lm_bits(x) & 0x7fffffffu; }
 static inline float lm_inv_absmax(float absmax) { return lm_pick(absmax > 0.0f, 1.0f / absmax, 0.0f); }
 static inline int32_t lm_clampi(int32_t k, int32_t lo, int32_t hi) { k = k < lo ? lo : k; return k > hi ? hi : k; }
 /* y = |x| / absmax, at most 1 (an unsigned min on the bits: NaN, of either sign, also becomes 1) */
