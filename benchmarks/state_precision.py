@@ -8,8 +8,8 @@ Sections:
 
 1. Optimizer-state bytes per parameter, for every optimizer and mode: on one 1024 x 1024 matrix, and on
    the demo's GPT (``--lm-size``), whose small tensors (biases, norms) keep float32 state in 8-bit mode.
-2. Peak process memory of a step on one 38.6M-element tensor per mode (fresh processes), lean modes
-   as shipped (the tensor stepped and coded in pieces) and with the tensor whole (as before pieces).
+2. Peak process memory of a step on one 38.6M-element tensor per mode and path (fresh processes):
+   fused (lean state coded in the kernel) and foreach (decoded and encoded in pieces).
 3. Slow EMA (beta 0.9999) of 0.5 + N(0, 1) over ``--ema-steps`` steps and ``--ema-elements`` elements,
    kept in each mode, against float32: the error of the mean and the per-element RMS error.
 4. Step time of AdEMAMix per mode and path (median of ``--repeats``) on ``--time-params`` parameters,
@@ -85,13 +85,11 @@ def memory_section(lm_size: str) -> dict[str, Any]:
 
 PEAK_SNIPPET = """
 import resource, sys, torch, longmem
-from longmem import _state_precision as sp
-if sys.argv[1] == "whole":  # one large tensor decoded, updated and encoded whole (before pieces)
-    sp.CHUNK_ELEMENTS = sp.CODEC_PIECE = 10**12
 torch.set_num_threads(1)
 p = torch.nn.Parameter(torch.randn(50257, 768))
 p.grad = torch.randn_like(p)
-opt = longmem.AdEMAMix([p], lr=1e-4, fused=True, state_precision=sys.argv[2])
+path = {"fused": dict(fused=True), "foreach": dict(foreach=True)}[sys.argv[1]]
+opt = longmem.AdEMAMix([p], lr=1e-4, state_precision=sys.argv[2], **path)
 for _ in range(3):
     opt.step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -100,23 +98,24 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def peak_section() -> dict[str, Any]:
     """Peak process memory (max RSS) of three AdEMAMix steps on one 38.6M-element tensor (GPT-2's
-    embedding), each mode in a fresh process; lean modes as shipped (the tensor stepped in pieces
-    of ``CHUNK_ELEMENTS``, the codec in pieces of ``CODEC_PIECE``) and with the tensor whole."""
+    embedding), each mode and path in a fresh process: fused (lean state decoded and encoded in
+    the kernel, no float32 copy) and foreach (decoded to float32 a piece of ``CHUNK_ELEMENTS`` at
+    a time, the codec in pieces of ``CODEC_PIECE``)."""
     import subprocess
 
-    runs = [("fp32", "pieces")] + [(m, layout) for m in ("bf16", "8bit") for layout in ("pieces", "whole")]
     results: dict[str, Any] = {}
     rows = []
-    for mode, layout in runs:
-        done = subprocess.run(
-            [sys.executable, "-c", PEAK_SNIPPET, layout, mode], capture_output=True, text=True, check=True
-        )
-        mib = int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
-        how = "in pieces (as shipped)" if layout == "pieces" else "whole tensor"
-        results[f"{mode}, {layout}"] = mib
-        rows.append([mode, how if mode != "fp32" else "-", f"{mib:.0f}"])
-    print("\n## Peak process memory, 3 AdEMAMix steps (fused) on one 50257 x 768 tensor\n")
-    print(_table(["state", "decode / update / encode", "peak RSS MiB"], rows))
+    for path in ("fused", "foreach"):
+        for mode in MODES:
+            done = subprocess.run(
+                [sys.executable, "-c", PEAK_SNIPPET, path, mode], capture_output=True, text=True, check=True
+            )
+            mib = int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+            results[f"{mode}, {path}"] = mib
+            rows.append([mode, path, f"{mib:.0f}"])
+    print("\n## Peak process memory, 3 AdEMAMix steps on one 50257 x 768 tensor")
+    print("(294 MiB of parameter and gradient)\n")
+    print(_table(["state", "path", "peak RSS MiB"], rows))
     return results
 
 
