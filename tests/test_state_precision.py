@@ -1,5 +1,7 @@
 """state_precision: the codecs' error bounds and unbiasedness, the slow EMA they keep right, every optimizer
-in every lean mode and path tracking its float32 run, checkpoints (bit-identical resume, strict loading)."""
+in every lean mode and path tracking its float32 run, checkpoints (bit-identical resume, strict loading),
+and fused steps that decode and encode the state in the kernels (generated and generic kernels bit for bit
+alike, the fallbacks the foreach path's bits)."""
 
 from __future__ import annotations
 
