@@ -62,13 +62,15 @@ mode, set ``group["state_precision"]``: the next step converts the stored state:
 exactly, to a lean mode with stochastic rounding. A state dict saved before this option existed
 keeps the loading optimizer's mode, its float32 state converted on the next step.
 
-Across the change to counter-based noise and the kernels' codec (longmem after 0.1.0's first lean
-state): the state dict format is the same and old checkpoints load and continue. What differs for
-such a run: the rounding noise is not the old torch generator's, so it does not continue with the
-bits the old version would have produced (it continues as a valid run, bit-identical from then on
-across further resumes); a code now decodes as ``c * float32(1 / L)`` raised by products
-(``_grid``) instead of ``(c / L) ** P`` with torch's pow, which can differ in the last bit; and a
-block holding NaN or Inf now gets well-defined codes (its scale still makes it decode non-finite).
+Checkpoints from before the counter-based noise (when the noise came from torch generators seeded
+per parameter, buffer and step, and the kernels ran on decoded float32 copies) have the same format:
+they load and continue. What differs for a run resumed from one: its rounding noise is not the one
+the older code would have drawn, so it does not continue with the bits the older code would have
+produced (it is as valid a continuation, and bit-identical from then on across further resumes); a
+code now decodes as ``g(c) * absmax`` with ``g`` evaluated by products of ``c * float32(1 / L)``
+(``_grid``) instead of ``(c / L) ** P`` with torch's division and pow, which can differ in the last
+bit; and a block holding NaN or Inf now gets well-defined codes (its scale still decodes it to
+non-finite values).
 """
 
 from __future__ import annotations

@@ -49,6 +49,24 @@ static void load_f32(float *restrict dst, const void *src, int dtype, int64_t of
         for (i = 0; i < n; i++) dst[i] = -dst[i]; /* LM_BODY_LOOP */
 }
 
+/* Slots 0 and 1 of a block: the parameter and the gradient in place where they are float32 (and the
+ * gradient not negated), else converted into the scratch rows p_row, g_row. */
+static inline void point_at_p_and_g(float **slot, float *p_row, float *g_row, void *p, const void *g, int pdt,
+                                    int gdt, int64_t off, int64_t n, int maximize) {
+    if (pdt == LM_F32) {
+        slot[0] = (float *)p + off;
+    } else {
+        load_f32(p_row, p, pdt, off, n, 0);
+        slot[0] = p_row;
+    }
+    if (gdt == LM_F32 && !maximize) {
+        slot[1] = (float *)g + off; /* never written: program.py rejects rules that do */
+    } else {
+        load_f32(g_row, g, gdt, off, n, maximize);
+        slot[1] = g_row;
+    }
+}
+
 /* Prefetch the bytes [off, off + len) of one stream into the cache, a line at a time. */
 static inline void prefetch_range(const void *base, int64_t off_bytes, int64_t len_bytes) {
     const char *b = (const char *)base + off_bytes;
@@ -126,18 +144,7 @@ int longmem_run(const int32_t *code, const double *scalar, int32_t n_instr, int3
                 prefetch_range(g, ahead * gsz, m * gsz);
                 for (int32_t k = 2; k < n_mem; k++) prefetch_range(ptrs[(int64_t)k * n_tensors + t], ahead * 4, m * 4);
             }
-            if (pdt == LM_F32) {
-                slot[0] = (float *)p + off;
-            } else {
-                load_f32(scratch[0], p, pdt, off, n, 0);
-                slot[0] = scratch[0];
-            }
-            if (gdt == LM_F32 && !maximize) {
-                slot[1] = (float *)g + off; /* never written: program.py rejects rules that do */
-            } else {
-                load_f32(scratch[1], g, gdt, off, n, maximize);
-                slot[1] = scratch[1];
-            }
+            point_at_p_and_g(slot, scratch[0], scratch[1], p, g, pdt, gdt, off, n, maximize);
             for (int32_t k = 2; k < n_mem; k++) slot[k] = (float *)ptrs[(int64_t)k * n_tensors + t] + off;
             for (int32_t k = 0; k < n_instr; k++) {
                 const int32_t *ins = code + 5 * k;
@@ -253,18 +260,7 @@ int longmem_run_lean(const int32_t *code, const double *scalar, int32_t n_instr,
         int pdt = p_dtype[t], gdt = g_dtype[t];
         for (int64_t off = lo; off < hi; off += LEAN_BLOCK) {
             int64_t n = hi - off < LEAN_BLOCK ? hi - off : LEAN_BLOCK;
-            if (pdt == LM_F32) {
-                slot[0] = (float *)p + off;
-            } else {
-                load_f32(scratch[0], p, pdt, off, n, 0);
-                slot[0] = scratch[0];
-            }
-            if (gdt == LM_F32 && !maximize) {
-                slot[1] = (float *)g + off;
-            } else {
-                load_f32(scratch[1], g, gdt, off, n, maximize);
-                slot[1] = scratch[1];
-            }
+            point_at_p_and_g(slot, scratch[0], scratch[1], p, g, pdt, gdt, off, n, maximize);
             for (int32_t k = 2; k < n_mem; k++) {
                 void *buf = ptrs[(int64_t)k * n_tensors + t];
                 float *scale = (float *)ptrs[(int64_t)(n_mem + k - 2) * n_tensors + t];
