@@ -421,10 +421,17 @@ def _versions(torch: Any) -> dict[str, str]:
 
 @contextlib.contextmanager
 def counting_launches(ctx: Context) -> Iterator[None]:
-    """Count the Triton kernel's launches and the C kernel's calls (a fused cell must run one)."""
+    """Count the Triton kernels' launches and the C kernels' calls, plain and lean (a fused cell must
+    run one)."""
     from longmem.kernels import cpu, cuda
 
-    originals = {"triton": cuda.launch, "cpu": getattr(cpu, "run_step", None)}
+    entry_points = [
+        ("triton", cuda, "launch"),
+        ("triton", cuda, "launch_lean"),
+        ("cpu", cpu, "run_step"),
+        ("cpu", cpu, "run_lean_step"),
+    ]
+    originals = [(module, name, getattr(module, name, None)) for _, module, name in entry_points]
 
     def counted(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -433,15 +440,15 @@ def counting_launches(ctx: Context) -> Iterator[None]:
 
         return wrapper
 
-    cuda.launch = counted("triton", originals["triton"])
-    if originals["cpu"] is not None:
-        cpu.run_step = counted("cpu", originals["cpu"])
+    for (kind, module, name), (_, _, fn) in zip(entry_points, originals, strict=True):
+        if fn is not None:
+            setattr(module, name, counted(kind, fn))
     try:
         yield
     finally:
-        cuda.launch = originals["triton"]
-        if originals["cpu"] is not None:
-            cpu.run_step = originals["cpu"]
+        for module, name, fn in originals:
+            if fn is not None:
+                setattr(module, name, fn)
 
 
 _RUN_FUSED: list[Callable[..., Any]] = []  # longmem.kernels.run_fused itself
@@ -1200,29 +1207,16 @@ def traced_program(name: str, hp: dict[str, Any]) -> Any:
     import torch
 
     import longmem
-    from longmem import kernels
-    from longmem.kernels import program
-
-    captured = []
-
-    def capture(rule: Any, params: Any, grads: Any, buffers: Any, steps: Any, *, maximize: bool) -> list[int]:
-        names = [n for n, t in buffers.items() if t is not None]
-        absent = [n for n, t in buffers.items() if t is None]
-        captured.append(program.trace(rule, steps[0], names, absent))
-        return list(range(len(params)))
+    from longmem.kernels.vectorization import recorded_programs
 
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.ones(3)
     kw = _clean(hp)
     if kw.get("lr") == TENSOR_LR:
         kw["lr"] = 1e-3
-    original = kernels.run_fused
-    kernels.run_fused = capture
-    try:
+    with recorded_programs() as programs:
         getattr(longmem, name)([p], fused=True, **kw).step()
-    finally:
-        kernels.run_fused = original
-    return captured[0]
+    return programs[0]
 
 
 def section_pieces(ctx: Context) -> None:

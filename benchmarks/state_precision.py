@@ -8,15 +8,21 @@ Sections:
 
 1. Optimizer-state bytes per parameter, for every optimizer and mode: on one 1024 x 1024 matrix, and on
    the demo's GPT (``--lm-size``), whose small tensors (biases, norms) keep float32 state in 8-bit mode.
-2. Peak process memory of a step on one 38.6M-element tensor per mode (fresh processes), lean modes
-   as shipped (the tensor stepped and coded in pieces) and with the tensor whole (as before pieces).
+2. Peak process memory of a step on one 38.6M-element tensor per mode and path (fresh processes):
+   fused (lean state coded in the kernel) and foreach (decoded and encoded in pieces).
 3. Slow EMA (beta 0.9999) of 0.5 + N(0, 1) over ``--ema-steps`` steps and ``--ema-elements`` elements,
    kept in each mode, against float32: the error of the mean and the per-element RMS error.
-4. Step time of AdEMAMix per mode (median of ``--repeats``) on ``--time-params`` parameters, beside
-   torchao's ``AdamW8bit`` and bitsandbytes' ``AdEMAMix8bit`` when they are installed and run here.
+4. Step time of AdEMAMix per mode and path (median of ``--repeats``) on ``--time-params`` parameters,
+   beside torchao's ``AdamW8bit`` and bitsandbytes' ``AdEMAMix8bit`` when they are installed and run
+   here, every row interleaved step by step with torch's fused AdamW (its ratio to it, as
+   benchmarks/step_speed.py), under the host's description.
 5. The demo's LM task (``longmem.experiments``' LMTask, the ``lm`` experiment's settings for AdEMAMix:
    lr 2e-3 with 5% warm-up then cosine, weight decay 0.1, clipping 1.0, alpha 8, beta3 by the paper's
    guidance, schedulers over the run) for ``--lm-steps`` steps in each mode: final held-out loss.
+6. Pure bf16 training: the same task with bf16 weights and no float32 copy (fp32 weights; bf16 with
+   round-to-nearest; bf16 with ``param_rounding="stochastic"``; and that with 8-bit state), AdEMAMix
+   and AdamW-like settings, ``--bf16-seeds`` seeds: final held-out loss and weights + state bytes
+   per parameter.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -78,13 +85,11 @@ def memory_section(lm_size: str) -> dict[str, Any]:
 
 PEAK_SNIPPET = """
 import resource, sys, torch, longmem
-from longmem import _state_precision as sp
-if sys.argv[1] == "whole":  # one large tensor decoded, updated and encoded whole (before pieces)
-    sp.CHUNK_ELEMENTS = sp.CODEC_PIECE = 10**12
 torch.set_num_threads(1)
 p = torch.nn.Parameter(torch.randn(50257, 768))
 p.grad = torch.randn_like(p)
-opt = longmem.AdEMAMix([p], lr=1e-4, fused=True, state_precision=sys.argv[2])
+path = {"fused": dict(fused=True), "foreach": dict(foreach=True)}[sys.argv[1]]
+opt = longmem.AdEMAMix([p], lr=1e-4, state_precision=sys.argv[2], **path)
 for _ in range(3):
     opt.step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -93,23 +98,24 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def peak_section() -> dict[str, Any]:
     """Peak process memory (max RSS) of three AdEMAMix steps on one 38.6M-element tensor (GPT-2's
-    embedding), each mode in a fresh process; lean modes as shipped (the tensor stepped in pieces
-    of ``CHUNK_ELEMENTS``, the codec in pieces of ``CODEC_PIECE``) and with the tensor whole."""
+    embedding), each mode and path in a fresh process: fused (lean state decoded and encoded in
+    the kernel, no float32 copy) and foreach (decoded to float32 a piece of ``CHUNK_ELEMENTS`` at
+    a time, the codec in pieces of ``CODEC_PIECE``)."""
     import subprocess
 
-    runs = [("fp32", "pieces")] + [(m, layout) for m in ("bf16", "8bit") for layout in ("pieces", "whole")]
     results: dict[str, Any] = {}
     rows = []
-    for mode, layout in runs:
-        done = subprocess.run(
-            [sys.executable, "-c", PEAK_SNIPPET, layout, mode], capture_output=True, text=True, check=True
-        )
-        mib = int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
-        how = "in pieces (as shipped)" if layout == "pieces" else "whole tensor"
-        results[f"{mode}, {layout}"] = mib
-        rows.append([mode, how if mode != "fp32" else "-", f"{mib:.0f}"])
-    print("\n## Peak process memory, 3 AdEMAMix steps (fused) on one 50257 x 768 tensor\n")
-    print(_table(["state", "decode / update / encode", "peak RSS MiB"], rows))
+    for path in ("fused", "foreach"):
+        for mode in MODES:
+            done = subprocess.run(
+                [sys.executable, "-c", PEAK_SNIPPET, path, mode], capture_output=True, text=True, check=True
+            )
+            mib = int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+            results[f"{mode}, {path}"] = mib
+            rows.append([mode, path, f"{mib:.0f}"])
+    print("\n## Peak process memory, 3 AdEMAMix steps on one 50257 x 768 tensor")
+    print("(294 MiB of parameter and gradient)\n")
+    print(_table(["state", "path", "peak RSS MiB"], rows))
     return results
 
 
@@ -143,63 +149,80 @@ def ema_section(steps: int, n: int) -> dict[str, Any]:
 # ---- 3. step time ------------------------------------------------------------------------------------
 
 
-def _time_steps(
-    opt: torch.optim.Optimizer, params: list[torch.Tensor], repeats: int, warmup: int = 2
-) -> float:
-    gen = torch.Generator().manual_seed(0)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+def _time_interleaved(
+    opt: torch.optim.Optimizer, ref: torch.optim.Optimizer, repeats: int, warmup: int = 2
+) -> tuple[float, float]:
+    """Median step time of ``opt`` and the median of its per-step ratios to ``ref`` (torch's fused
+    AdamW on the same parameters), each of ``opt``'s steps right after one of ``ref``'s, so both
+    see the same load (as benchmarks/step_speed.py)."""
     for _ in range(warmup):
         opt.step()
-    times = []
+    times, ratios = [], []
     for _ in range(repeats):
         start = time.perf_counter()
+        ref.step()
+        middle = time.perf_counter()
         opt.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        end = time.perf_counter()
+        times.append(end - middle)
+        ratios.append((end - middle) / (middle - start))
+    return statistics.median(times), statistics.median(ratios)
 
 
 def _params(total: int) -> list[torch.nn.Parameter]:
     side = 1024
     count = max(1, total // (side * side))
-    return [torch.nn.Parameter(torch.randn(side, side) * 0.02) for _ in range(count)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(side, side, generator=gen) * 0.02) for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return params
 
 
 def timing_section(total: int, repeats: int) -> dict[str, Any]:
+    """Step time of AdEMAMix per mode and path, torchao's AdamW8bit and bitsandbytes' AdEMAMix8bit
+    (when installed), each interleaved with torch's fused AdamW (fp32 state) on the same parameters."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _host
+
     results: dict[str, Any] = {}
     rows = []
-    n = sum(p.numel() for p in _params(total))
+    params = _params(total)
+    n = sum(p.numel() for p in params)
+    ref = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    ref.step()
+
+    def row(label: str, path: str, opt: torch.optim.Optimizer, state: str) -> None:
+        seconds, ratio = _time_interleaved(opt, ref, repeats)
+        results[f"{label}/{path}"] = {"seconds": seconds, "x_adamw_fused": ratio}
+        rows.append([label, path, f"{seconds * 1e3:.1f}", f"{ratio:.2f}", state])
+
     for mode in MODES:
         for path, kw in {
             "single": dict(foreach=False),
             "foreach": dict(foreach=True),
             "fused": dict(fused=True),
         }.items():
-            params = _params(total)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                opt = longmem.AdEMAMix(params, state_precision=mode, **kw)
-                seconds = _time_steps(opt, params, repeats)
-            results[f"AdEMAMix/{mode}/{path}"] = seconds
-            rows.append(
-                [f"longmem AdEMAMix {mode}", path, f"{seconds * 1e3:.1f}", f"{sp.state_bytes(opt) / n:.2f}"]
-            )
+                opt = longmem.AdEMAMix(params, lr=1e-3, state_precision=mode, **kw)
+                opt.step()
+                row(f"longmem AdEMAMix {mode}", path, opt, f"{sp.state_bytes(opt) / n:.2f}")
+            del opt
     others = []
     try:
         import torchao.optim as tao
 
-        params = _params(total)
         try:
             opt = tao.AdamW8bit(params, lr=1e-3)
-            seconds = _time_steps(opt, params, repeats)
+            opt.step()
             state = sum(
                 x.numel() * x.element_size() if not hasattr(x, "codes") else _tao_bytes(x)
                 for s in opt.state.values()
                 for x in s.values()
                 if isinstance(x, torch.Tensor)
             )
-            results["torchao/AdamW8bit"] = seconds
-            rows.append(["torchao AdamW8bit (2 buffers)", "-", f"{seconds * 1e3:.1f}", f"{state / n:.2f}"])
+            row("torchao AdamW8bit (2 buffers)", "-", opt, f"{state / n:.2f}")
         except Exception as err:
             others.append(f"torchao AdamW8bit is installed but did not run here: {type(err).__name__}: {err}")
     except ImportError:
@@ -207,12 +230,10 @@ def timing_section(total: int, repeats: int) -> dict[str, Any]:
     try:
         import bitsandbytes as bnb
 
-        params = _params(total)
         try:
             opt = bnb.optim.AdEMAMix8bit(params, lr=1e-3)
-            seconds = _time_steps(opt, params, repeats)
-            results["bitsandbytes/AdEMAMix8bit"] = seconds
-            rows.append(["bitsandbytes AdEMAMix8bit", "-", f"{seconds * 1e3:.1f}", "-"])
+            opt.step()
+            row(f"bitsandbytes {bnb.__version__} AdEMAMix8bit", "-", opt, "-")
         except Exception as err:
             others.append(
                 f"bitsandbytes AdEMAMix8bit did not run here: {type(err).__name__}: {str(err)[:200]}"
@@ -220,8 +241,18 @@ def timing_section(total: int, repeats: int) -> dict[str, Any]:
     except ImportError:
         others.append("bitsandbytes is not installed: AdEMAMix8bit not timed")
     print(f"\n## Step time, {n / 1e6:.1f}M parameters ({n // (1024 * 1024)} x 1024x1024), "
-          f"{torch.get_num_threads()} thread(s), median of {repeats}\n")  # fmt: skip
-    print(_table(["optimizer", "path", "ms / step", "state bytes / param"], rows))
+          f"{torch.get_num_threads()} thread(s), median of {repeats}, interleaved with torch's fused "
+          "AdamW\n")  # fmt: skip
+    print("\n".join(_host.describe()) + "\n")
+    print(_table(["optimizer", "path", "ms / step", "x AdamW fused", "state bytes / param"], rows))
+    bnb_key = next((k for k in results if k.startswith("bitsandbytes")), None)
+    for mode in ("bf16", "8bit"):
+        ours = results[f"longmem AdEMAMix {mode}/fused"]
+        line = f"AdEMAMix fused, {mode} state: {ours['x_adamw_fused']:.2f}x torch's fused AdamW"
+        if bnb_key is not None:  # both against the same interleaved reference
+            speedup = results[bnb_key]["x_adamw_fused"] / ours["x_adamw_fused"]
+            line += f"; {speedup:.0f}x faster than bitsandbytes' AdEMAMix8bit (target >= 20)"
+        print(line)
     for line in others:
         print(f"\n{line}")
     results["notes"] = others
@@ -292,6 +323,92 @@ def lm_section(size: str, steps: int, seeds: int, optimizers: list[str]) -> dict
     return results
 
 
+# ---- 5. pure bf16 training -------------------------------------------------------------------------
+
+#: (label, parameter dtype, param_rounding, state_precision)
+BF16_SETTINGS = [
+    ("fp32 params", torch.float32, "nearest", "fp32"),
+    ("bf16 params, nearest", torch.bfloat16, "nearest", "fp32"),
+    ("bf16 params, stochastic", torch.bfloat16, "stochastic", "fp32"),
+    ("bf16 params, stochastic, 8-bit state", torch.bfloat16, "stochastic", "8bit"),
+]
+
+
+def _make_optimizer(optimizer: str, params: Any, steps: int, **options: Any) -> torch.optim.Optimizer:
+    """The lm experiment's AdEMAMix settings (lr 2e-3, weight decay 0.1, alpha 8, beta3 by the
+    paper's guidance, both warm-ups over the run), or "AdamW-like": AdEMAMix with alpha 0, whose
+    update is AdamW's exactly (its slow EMA is kept but unused)."""
+    from longmem.experiments._optim import ademamix_beta3_for
+
+    if optimizer == "AdEMAMix":
+        betas = (0.9, 0.999, ademamix_beta3_for(steps))
+        return longmem.AdEMAMix(params, lr=2e-3, betas=betas, alpha=8.0, alpha_warmup=steps,
+                                beta3_warmup=steps, weight_decay=0.1, **options)  # fmt: skip
+    return longmem.AdEMAMix(params, lr=2e-3, alpha=0.0, weight_decay=0.1, **options)
+
+
+def bf16_run(setting: tuple, optimizer: str, size: str, steps: int, seed: int) -> dict[str, float]:
+    """The demo's LM trained with its weights in the setting's dtype (no float32 copy: the
+    optimizer writes the bf16 weights themselves), fused steps; the held-out loss is evaluated on
+    a float32 copy of the final weights, exactly as they were stored."""
+    from longmem.experiments._lm import lm_task_from_config
+    from longmem.experiments._optim import lr_at
+
+    _, dtype, rounding, precision = setting
+    task, _ = lm_task_from_config({"size": size, "corpus": "stdlib"})
+    torch.manual_seed(seed)
+    model = task.build_model().to(dtype)
+    opt = _make_optimizer(optimizer, model.parameters(), steps, fused=True, param_rounding=rounding,
+                          state_precision=precision)  # fmt: skip
+    peak, warmup = 2e-3, max(1, round(0.05 * steps))
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, peak=peak, total=steps, warmup=warmup)
+        loss = task.loss(model, task.train_batch(step, seed))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    seconds = time.perf_counter() - start
+    stored = sum(p.numel() * p.element_size() for p in model.parameters()) + sp.state_bytes(opt)
+    model = model.float().eval()
+    return {
+        "held_out": task.evaluate(model, final=True)["loss"],
+        "train_seconds": seconds,
+        "weights_and_state_bytes_per_param": stored / task.n_params,
+    }
+
+
+def bf16_section(size: str, steps: int, seeds: int, optimizers: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    rows = []
+    for optimizer in optimizers:
+        base = None
+        for setting in BF16_SETTINGS:
+            runs = [bf16_run(setting, optimizer, size, steps, seed) for seed in range(seeds)]
+            losses = [r["held_out"] for r in runs]
+            results[f"{optimizer}/{setting[0]}"] = runs
+            print(f"  bf16 {optimizer} {setting[0]}: {[round(x, 4) for x in losses]}", file=sys.stderr)
+            mean = statistics.mean(losses)
+            base = mean if base is None else base
+            rows.append([optimizer, setting[0], " / ".join(f"{x:.4f}" for x in losses), f"{mean:.4f}",
+                         "-" if base == mean and setting[1] == torch.float32 else f"{mean / base - 1:+.2%}",
+                         f"{runs[0]['weights_and_state_bytes_per_param']:.2f}",
+                         f"{statistics.mean(r['train_seconds'] for r in runs):.0f}"])  # fmt: skip
+    print(f"\n## Pure bf16 training: the demo LM (--size {size}, {steps} steps, seeds 0..{seeds - 1}), "
+          "fused steps, weights without a float32 copy\n")  # fmt: skip
+    print(_table(["optimizer", "weights", "held-out loss per seed", "mean", "vs fp32",
+                  "weights + state B/param", "train s"], rows))  # fmt: skip
+    print(
+        "\nB/param counts the weights and the optimizer state (not the gradients); AdamW in mixed precision "
+        "keeps bf16 weights (2), a float32 master copy (4) and two float32 moments (8): 14, 16 with "
+        "float32 gradients. AdamW-like: AdEMAMix with alpha 0 (AdamW's update; its unused slow EMA is "
+        "stored, 1/3 of the state)."
+    )
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -307,6 +424,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-lm", action="store_true")
     parser.add_argument("--skip-peak", action="store_true")
+    parser.add_argument("--skip-bf16", action="store_true", help="skip the pure bf16 training runs")
+    parser.add_argument("--bf16-seeds", type=int, default=2)
+    parser.add_argument("--bf16-steps", type=int, default=300)
+    parser.add_argument("--bf16-optimizers", nargs="+", default=["AdEMAMix", "AdamW-like"],
+                        choices=["AdEMAMix", "AdamW-like"])  # fmt: skip
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -320,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         out["timing"] = timing_section(args.time_params, args.repeats)
     if not args.skip_lm:
         out["lm"] = lm_section(args.lm_size, args.lm_steps, args.lm_seeds, args.lm_optimizers)
+    if not args.skip_bf16:
+        out["bf16"] = bf16_section(args.lm_size, args.bf16_steps, args.bf16_seeds, args.bf16_optimizers)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1, default=lambda x: x if math.isfinite(x) else str(x))

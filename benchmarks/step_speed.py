@@ -33,6 +33,9 @@ vectorized every element loop of the kernels that row ran (its ``-fopt-info-vec`
 
     python3 benchmarks/step_speed.py --workload all --repeats 30 --threads 2 --first-build --markdown
 
+``--state-precision bf16 8bit`` adds AdEMAMix fused rows with lean state (``state_precision``),
+against issue 14's targets (<= 1.0x and <= 0.85x torch's fused AdamW).
+
 pytorch_optimizer's AdEMAMix is timed when that package is installed (it is no dependency of
 longmem; otherwise the output says so): as constructed by default (``foreach=None``, which takes its
 foreach path, on CPU too), the configuration the 4x target is read against, and with
@@ -56,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 
 import longmem
-from longmem.kernels import cpu, vectorization
+from longmem.kernels import vectorization
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _host
@@ -211,14 +214,28 @@ def time_steps(opt: torch.optim.Optimizer, refs: dict[str, Triad | torch.optim.O
         row.times.append(time.perf_counter() - start)
 
 
-def candidates(include: list[str], paths: list[str]) -> list[tuple[str, str, Factory]]:
+def candidates(include: list[str], paths: list[str], lean: list[str] = ()) -> list[tuple[str, str, Factory]]:
+    """Each optimizer on each path; AdEMAMix fused also with each state precision of ``lean``."""
     out = []
     for name in include:
         make = OPTIMIZERS[name]
         for path in paths:
             kw = {"fused": True} if path == "fused" else {"foreach": path == "foreach"}
             out.append((name, path, lambda ps, make=make, kw=kw: make(ps, **kw)))
+            if name == "AdEMAMix" and path == "fused":
+                for mode in lean:
+                    out.append(
+                        (
+                            lean_row(mode),
+                            path,
+                            lambda ps, make=make, m=mode: make(ps, fused=True, state_precision=m),
+                        )
+                    )
     return out
+
+
+def lean_row(mode: str) -> str:
+    return f"AdEMAMix, {mode} state"
 
 
 def pytorch_optimizer_candidates() -> tuple[list[tuple[str, str, Factory]], str]:
@@ -259,7 +276,8 @@ def run_workload(workload: str, args: argparse.Namespace, triad: Triad) -> None:
     # row's first step also pays for the process's first use of that memory (in a VM, seconds).
     torch.ones(5 * n)
     rows: list[Row] = []
-    todo, note = candidates(args.optimizers, args.paths), ""
+    lean = [m for m in args.state_precision if m != "fp32"]
+    todo, note = candidates(args.optimizers, args.paths, lean), ""
     if "AdEMAMix" in args.optimizers and not args.no_pytorch_optimizer:
         extra, note = pytorch_optimizer_candidates()
         todo += extra
@@ -270,7 +288,7 @@ def run_workload(workload: str, args: argparse.Namespace, triad: Triad) -> None:
         if path != "fused":
             refs["foreach"] = foreach_ref
         time_steps(opt, refs, args.repeats, row)
-        if path == "fused" and name in OPTIMIZERS:
+        if path == "fused" and name.split(",")[0] in OPTIMIZERS:
             row.vectorized = kernels_vectorized(opt)
         rows.append(row)
         for ref in ("fused", "foreach"):
@@ -294,9 +312,9 @@ def run_workload(workload: str, args: argparse.Namespace, triad: Triad) -> None:
 def kernels_vectorized(opt: torch.optim.Optimizer) -> str:
     """'yes' if every body loop of the kernels ``opt``'s fused step runs vectorizes as built here
     (gcc's own report, longmem.kernels.vectorization), else what the compiler said."""
-    with vectorization.recorded_programs() as programs:
+    with vectorization.recorded_kernels() as kernels:
         opt.step()
-    sources = {cpu.specialized_source(prog) for prog in programs}
+    sources = {k.source() for k in kernels}
     failures = [r.failures() for r in map(vectorization.check_host, sources) if not r.ok]
     return "yes" if not failures else "NO: " + " | ".join(failures)
 
@@ -345,6 +363,8 @@ FUSED_TARGETS = {"AdEMAMix": 1.35, "DiffMod": 1.65} | dict.fromkeys(
 #: the small (nanoGPT CPU) workload, where per-step fixed costs count: every fused row within 1.5x
 SMALL_FUSED_TARGET = 1.5
 FOREACH_TARGET = 1.3  # foreach rows, in units of torch's foreach AdamW
+#: issue 14's targets: AdEMAMix fused with lean state, in units of torch's fused AdamW (fp32 state)
+LEAN_TARGETS = {"bf16": 1.0, "8bit": 0.85}
 PYTORCH_OPTIMIZER_SPEEDUP = 4.0  # AdEMAMix fused against pytorch_optimizer's AdEMAMix as built by default
 PYTORCH_OPTIMIZER_DEFAULT = "default: foreach"
 
@@ -369,6 +389,12 @@ def print_targets(workload: str, rows: list[Row]) -> None:
         print(f"  {row.name} {row.path}: {ratio:.2f}x torch {ref} AdamW (target <= {limit}): {verdict}")
         if row.path == "fused" and row.vectorized != "yes":
             print(f"  {row.name} fused: kernels not vectorized here: {row.vectorized}")
+    for mode, limit in LEAN_TARGETS.items():
+        row = by_key.get((lean_row(mode), "fused"))
+        if row is not None:
+            ratio = row.ratio("fused")
+            verdict = "met" if ratio is not None and ratio <= limit else "MISSED"
+            print(f"  {row.name} fused: {ratio:.2f}x torch fused AdamW (target <= {limit}): {verdict}")
     for name in FUSED_TARGETS:
         fused, foreach = by_key.get((name, "fused")), by_key.get((name, "foreach"))
         if fused is None or foreach is None:
@@ -441,6 +467,10 @@ def main() -> None:
     paths = ["fused", "foreach", "single"]
     parser.add_argument("--paths", nargs="+", default=paths[:2], choices=paths)
     parser.add_argument("--no-pytorch-optimizer", action="store_true", help="skip pytorch_optimizer")
+    parser.add_argument(
+        "--state-precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "8bit"],
+        help="also time AdEMAMix fused with these state precisions (issue 14's targets)",
+    )  # fmt: skip
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     parser.add_argument(
         "--first-build",

@@ -183,12 +183,38 @@ def test_zero_dim_float64_parameters_are_updated():
 
 
 def test_lean_state_and_nonfinite_checks_run_eagerly_inside_a_compiled_step():
-    """state_precision (its rounding draws from counter-seeded generators) and nonfinite checks (a
-    host read) run eagerly, so their numbers are eager's exactly; nothing recompiles as steps go."""
+    """state_precision (its noise keyed by host integers of the step) and nonfinite checks (a host
+    read) run eagerly, so their numbers are eager's exactly; nothing recompiles as steps go."""
     lean = run_compiled([("AdEMAMix", {"state_precision": "bf16"})], fullgraph=False, backend="aot_eager")
     assert max(lean.worst.values()) == 0.0 and lean.late_frames == 0 and lean.graph_breaks == 1
     checked = run_compiled([("DiffGrad", {"nonfinite": "skip"})], fullgraph=False, backend="aot_eager")
     assert_clean(checked, graph_breaks=checked.graph_breaks)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_stochastic_parameter_rounding_inside_a_compiled_step_is_eagers(fused):
+    """param_rounding="stochastic" on bf16 parameters: the group runs eagerly inside the compiled
+    step (its noise is keyed by host integers), so parameters and state are eager's bit for bit, and
+    the rounding did happen (the same steps with round-to-nearest end elsewhere)."""
+    base = _tensors([(33, 7), (5,)], torch.bfloat16)
+    runs = {}
+    for rounding, compiled in (("stochastic", False), ("stochastic", True), ("nearest", False)):
+        params = [torch.nn.Parameter(x.clone()) for x in base]
+        opt = longmem.AdEMAMix(params, lr=1e-4, fused=fused, param_rounding=rounding)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+            step()
+        runs[rounding, compiled] = (params, opt)
+    (eager, opt_e), (comp, opt_c) = runs["stochastic", False], runs["stochastic", True]
+    for p, q in zip(eager, comp, strict=True):
+        assert torch.equal(p, q)
+        for key, value in opt_e.state[p].items():
+            assert torch.equal(value, opt_c.state[q][key]), key
+    nearest = runs["nearest", False][0]
+    assert any(not torch.equal(p, q) for p, q in zip(eager, nearest, strict=True))
 
 
 def test_compiled_step_skips_nonfinite_gradients():

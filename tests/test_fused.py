@@ -520,6 +520,30 @@ for dtype in (torch.float32, torch.float16, torch.complex64):
             opt_b.step()
         for p, q in zip(a, b):
             torch.testing.assert_close(p, q, msg=lambda m: f"{name} {options} {dtype}: {m}")
+# lean state, decoded and encoded in the kernel, and stochastically rounded bf16/fp16 parameters:
+# the same codec and noise as the foreach path, so the runs agree to the rounding of a few codes
+for mode in ("bf16", "8bit"):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for name, options in cases[::2] if dtype != torch.float16 else cases[:1]:
+            gen = torch.Generator().manual_seed(1)
+            base = [torch.randn(s, generator=gen).to(dtype) for s in [(5000,), (300,)]]
+            a = [torch.nn.Parameter(x.clone()) for x in base]
+            b = [torch.nn.Parameter(x.clone()) for x in base]
+            kw = dict(lr=1e-2, state_precision=mode, param_rounding="stochastic", **options)
+            opt_a = getattr(longmem, name)(a, fused=True, **kw)
+            opt_b = getattr(longmem, name)(b, foreach=True, **kw)
+            for _ in range(3):
+                for p, q in zip(a, b):
+                    g = torch.randn(p.shape, generator=gen).to(dtype)
+                    p.grad, q.grad = g.clone(), g.clone()
+                opt_a.step()
+                opt_b.step()
+            codes = opt_a.state[a[0]][opt_a._buffers_for(opt_a.param_groups[0])[-1]]
+            assert codes.dtype in (torch.bfloat16, torch.int8, torch.uint8), (mode, codes.dtype)
+            for p, q in zip(a, b):
+                torch.testing.assert_close(p.float(), q.float(), atol=2e-2, rtol=0,
+                                           msg=lambda m: f"{name} {mode} {dtype}: {m}")
+                assert (p != q).float().mean() < 0.05, (name, mode, dtype)
 print("ok")
 """
 
@@ -569,6 +593,36 @@ def test_triton_kernels_compile_for_sm90():
         sys.path.pop(0)
     ok, detail = gpu_acceptance.aot_checks(list(gpu_acceptance.NAMES))
     assert ok, detail
+
+
+def test_lean_triton_kernels_compile_for_sm90():
+    """The lean Triton kernels (bf16 and 8-bit state decoded and encoded in the kernel; bf16
+    parameters stochastically rounded) compile to sm_90 cubins with Triton's own compiler, with IEEE
+    division and square root in the rule: the interpreter runs their code, only this compiles it."""
+    pytest.importorskip("triton")
+    import os
+
+    from longmem.kernels import cuda
+    from longmem.kernels.vectorization import recorded_programs
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1: Triton's language is the interpreter's")
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    with recorded_programs() as programs:
+        longmem.AdEMAMix([p], fused=True).step()
+    prog = programs[0]
+    n = len(prog.buffers)
+    for forms, dtype, stochastic in (
+        (("bf16",) * n, torch.float32, False),
+        (("s8",) * (n - 1) + ("u8",), torch.bfloat16, True),
+        (("f32",) * n, torch.float16, True),
+    ):
+        asm = cuda.compile_ahead(prog, dtype, forms=forms, stochastic=stochastic)
+        assert asm.get("cubin"), (forms, dtype)
+        ptx = asm["ptx"]
+        assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx, (forms, dtype)
+        assert "div.approx" not in ptx and "div.full" not in ptx, (forms, dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -79,6 +79,7 @@ def _error_inputs(*extra: tuple[dict[str, Any], type, str]):
             ({"maximize": 1}, ValueError, r"maximize must be True or False"),
             ({"nonfinite": "drop"}, ValueError, r"nonfinite must be one of"),
             ({"state_precision": "fp8"}, ValueError, r"state_precision must be one of"),
+            ({"param_rounding": "up"}, ValueError, r"param_rounding must be one of 'nearest', 'stochastic'"),
         ]
         out = get_error_inputs_for_all_optims(device, dtype)
         for kwargs, error_type, regex in (*common, *extra):
@@ -126,8 +127,16 @@ def _info(cls, inputs, error_inputs) -> OptimizerInfo:
         optim_error_inputs_func=error_inputs,
         supported_impls=("foreach", "fused"),
         supports_fused_on=("cpu", "cuda"),
-        # options that older longmem state dicts lack (format 0 predates nonfinite, state_precision)
-        not_og_supported_flags=("foreach", "maximize", "fused", "nonfinite", "state_precision"),
+        # options that older longmem state dicts lack (format 0 predates nonfinite, state_precision;
+        # param_rounding came later)
+        not_og_supported_flags=(
+            "foreach",
+            "maximize",
+            "fused",
+            "nonfinite",
+            "state_precision",
+            "param_rounding",
+        ),
         scheduler_inputs=([lambda opt: StepLR(opt, gamma=0.9, step_size=10)], [ReduceLROnPlateau]),
     )
 

@@ -1,5 +1,7 @@
 """state_precision: the codecs' error bounds and unbiasedness, the slow EMA they keep right, every optimizer
-in every lean mode and path tracking its float32 run, checkpoints (bit-identical resume, strict loading)."""
+in every lean mode and path tracking its float32 run, checkpoints (bit-identical resume, strict loading),
+and fused steps that decode and encode the state in the kernels (generated and generic kernels bit for bit
+alike, the fallbacks the foreach path's bits)."""
 
 from __future__ import annotations
 
@@ -74,16 +76,16 @@ def _values(n=1 << 14, seed=0):
 
 def test_bf16_rounding_is_to_a_neighbour():
     x = _values()
-    r = sp.round_bf16(x, torch.Generator().manual_seed(1)).double()
+    r = sp.round_bf16(x, 1).double()
     down = x.to(torch.bfloat16).double()  # one of the two neighbours
     ulp = torch.ldexp(torch.ones_like(x.double()), torch.frexp(x.double()).exponent - 8)
     assert ((r - x.double()).abs() <= ulp).all()  # error below one bf16 ulp = 2^-7 relative at most
     assert ((r - x.double()).abs() <= x.double().abs() * 2.0**-7).all()
     assert ((r == down) | ((r - down).abs() <= ulp)).all()
     exact = x.to(torch.bfloat16).float()
-    assert torch.equal(sp.round_bf16(exact), exact.to(torch.bfloat16))  # representable: unchanged
+    assert torch.equal(sp.round_bf16(exact, 0), exact.to(torch.bfloat16))  # representable: unchanged
     special = torch.tensor([math.inf, -math.inf, math.nan, 0.0, -0.0])
-    out = sp.round_bf16(special).float()
+    out = sp.round_bf16(special, 0).float()
     assert out[0] == math.inf and out[1] == -math.inf and math.isnan(out[2]) and (out[3:] == 0).all()
 
 
@@ -102,7 +104,7 @@ def _grid_bounds(x: torch.Tensor, signed: bool) -> torch.Tensor:
 def test_8bit_round_trip_within_one_grid_spacing(signed):
     x = _values()
     x = x if signed else x.abs()
-    codes, absmax = sp.quantize(x, signed, torch.Generator().manual_seed(2))
+    codes, absmax = sp.quantize(x, signed, 2)
     assert codes.dtype == (torch.int8 if signed else torch.uint8) and codes.shape == x.shape
     assert absmax.shape == (sp.num_blocks(x.numel()),)
     y = sp.dequantize(codes, absmax, signed).double()
@@ -122,7 +124,7 @@ def test_8bit_round_trip_within_one_grid_spacing(signed):
 
 def test_8bit_partial_last_block_and_shapes():
     x = torch.randn(3, 7, 50)  # 1050 elements: 5 blocks, the last partial
-    codes, absmax = sp.quantize(x, True)
+    codes, absmax = sp.quantize(x, True, 0)
     assert codes.shape == x.shape and absmax.shape == (5,)
     y = sp.dequantize(codes, absmax, True)
     assert y.shape == x.shape and ((y - x).abs() <= _grid_bounds(x, True).view(x.shape) * (1 + 1e-5)).all()
@@ -135,14 +137,14 @@ def test_stochastic_rounding_is_unbiased(codec):
     x = torch.rand(n, generator=g) * 2 - (0.0 if codec == "uint8" else 1.0)
     x[0] = 1.0  # sets the scale of the 8-bit block
     x[1:] *= 0.9
-    rep = x.repeat(draws)  # one vectorised call: every copy gets its own noise
+    rep = x.repeat(draws)  # one call: every copy is at other element indices, with its own noise
     if codec == "bf16":
-        y = sp.round_bf16(rep, g).float().view(draws, n)
+        y = sp.round_bf16(rep, 3).float().view(draws, n)
         spacing = _bf16_spacing(x)
     else:
         signed = codec == "int8"
         # every copy in its own blocks: n is a multiple of the block size
-        y = sp.dequantize(*sp.quantize(rep, signed, g), signed).view(draws, n)
+        y = sp.dequantize(*sp.quantize(rep, signed, 3), signed).view(draws, n)
         spacing = _grid_bounds(x, signed).float()
     mean = y.double().mean(dim=0)
     # the rounding error of one draw has standard deviation <= spacing / 2
@@ -467,3 +469,88 @@ def test_8bit_state_needs_a_capable_parameter():
     other = longmem.AdEMAMix(p64, **HP["AdEMAMix"])
     with pytest.raises(ValueError, match="cannot have"):
         other.load_state_dict(saved)
+
+
+# ---- in the fused kernels ---------------------------------------------------------------------------
+
+
+def _steps(name, mode, kw, steps=6, dtype=torch.float32, seed=0, after_step=None):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for n in (5000, 300, 70_000)]
+    opt = getattr(longmem, name)(params, state_precision=mode, **kw, **HP[name])
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+        if after_step is not None:
+            after_step(opt, params)
+    return opt, params
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mode", LEAN)
+def test_fused_lean_steps_decode_and_encode_in_the_kernels(name, mode, monkeypatch):
+    """A fused step with its state in the group's form never makes a float32 copy of it: no torch
+    decode or encode runs, the codes are updated in place, and the result tracks the foreach path."""
+    calls = []
+    for fn in ("_decode", "_encode", "_encode_into"):
+        original = getattr(sp, fn)
+        monkeypatch.setattr(sp, fn, lambda *a, _f=original, _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    storage = []
+
+    def record(opt, params):
+        state = opt.state[params[2]]
+        kept = (*opt._buffers, *sp.scale_keys(opt._buffers))
+        storage.append({k: (v.dtype, v.data_ptr()) for k, v in state.items() if k in kept})
+
+    _, fused = _steps(name, mode, dict(fused=True), after_step=record)
+    assert calls == []
+    assert all(s == storage[0] for s in storage)  # the same tensors, step after step
+    lean = (torch.bfloat16,) if mode == "bf16" else (torch.int8, torch.uint8, torch.float32)
+    assert all(dtype in lean for dtype, _ in storage[0].values())
+    monkeypatch.undo()
+    _, ref = _steps(name, mode, dict(foreach=True))
+    for p, q in zip(fused, ref, strict=True):
+        torch.testing.assert_close(p, q, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mode", LEAN)
+def test_lean_kernels_generic_and_specialized_agree_bitwise(mode, monkeypatch):
+    from longmem.kernels import cpu
+
+    results = []
+    for specialize in (False, True):
+        monkeypatch.setattr(cpu, "SPECIALIZE", specialize)
+        for name in NAMES:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                opt, params = _steps(name, mode, dict(fused=True, param_rounding="stochastic"), 3, dtype)
+                results.append((specialize, name, dtype, opt, params))
+    half = len(results) // 2
+    for (_, _, _, opt_a, a), (_, _, _, opt_b, b) in zip(results[:half], results[half:], strict=True):
+        _assert_same(opt_a, a, opt_b, b)
+
+
+@pytest.mark.parametrize("mode", LEAN)
+def test_what_the_kernels_leave_is_decoded_and_encoded_as_the_foreach_path_does(mode, monkeypatch):
+    """Lean buffers the fused kernels hand back (here all of them) are decoded, updated by the
+    foreach path and encoded with the same noise: the foreach path's bits."""
+    from longmem import kernels
+
+    monkeypatch.setattr(kernels, "run_fused", lambda rule, params, *a, **k: list(range(len(params))))
+    fallback = _steps("AdEMAMix", mode, dict(fused=True), 4)
+    monkeypatch.undo()
+    _assert_same(*fallback, *_steps("AdEMAMix", mode, dict(foreach=True), 4))
+
+
+@pytest.mark.parametrize("mode", LEAN)
+def test_fused_lean_without_a_compiler_runs_the_foreach_path(mode, monkeypatch, tmp_path):
+    from longmem import kernels
+
+    monkeypatch.setenv("LONGMEM_CC", str(tmp_path / "no-such-compiler"))
+    kernels.reset()
+    try:
+        fused = _steps("DiffMod", mode, dict(fused=True), 4)
+    finally:
+        monkeypatch.delenv("LONGMEM_CC")
+        kernels.reset()
+    _assert_same(*fused, *_steps("DiffMod", mode, dict(foreach=True), 4))

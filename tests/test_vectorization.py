@@ -106,3 +106,56 @@ def test_host_kernels_vectorize(programs):
     for name, options, prog in first.values():
         report = vectorization.check_host(cpu.specialized_source(prog))
         assert report.ok, f"{name} {options} ({report.target}):\n{report.failures()}"
+
+
+def _lean_kernels() -> list[tuple[str, vectorization.Kernel]]:
+    """The lean kernels (state decoded and encoded in the loop; bf16/fp16 parameters stochastically
+    rounded) the fused steps ask for, with bf16 parameters rounded stochastically: AdEMAMix's and
+    DiffMod's first configurations with 8-bit state (signed and unsigned codes, a buffer the rule
+    copies into), AdEMAMix's also with bf16 state and a small tensor's float32 state. The rules'
+    own operations are checked in the fp32 kernels above; four kernels cover every form and keep
+    this test short (each 8-bit kernel takes gcc about a second per target)."""
+    found: dict[tuple, tuple[str, vectorization.Kernel]] = {}
+    seen = set()
+    for name, options in CASES:
+        if name in seen or name not in ("AdEMAMix", "DiffMod"):
+            continue
+        seen.add(name)
+        for mode in ("bf16", "8bit") if name == "AdEMAMix" else ("8bit",):
+            shapes = [(5000,), (3,)] if name == "AdEMAMix" else [(5000,)]
+            params, opt, _, _ = _pair(name, options, shapes, dtype=torch.bfloat16,
+                                      state_precision=mode, param_rounding="stochastic")  # fmt: skip
+            with vectorization.recorded_kernels() as kernels:
+                for p in params:
+                    p.grad = torch.ones_like(p)
+                opt.step()
+            for k in kernels:
+                assert k.forms is not None and k.stochastic, (name, mode)
+                found.setdefault((k.program.signature(), k.forms), (f"{name} {mode}", k))
+    return list(found.values())
+
+
+@pytest.fixture(scope="module")
+def lean_kernels():
+    return _lean_kernels()
+
+
+def test_the_lean_kernels_cover_every_form(lean_kernels):
+    forms = {f for _, k in lean_kernels for f in k.forms}
+    assert forms == {"f32", "bf16", "s8", "u8"}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_lean_kernel_vectorizes(target, lean_kernels):
+    """Decoding, the counter-based noise, stochastic rounding and the 8-bit encoding (with its
+    block absmax) keep every loop vectorized."""
+    _compiler_or_skip(target)
+    failed = []
+    for label, kernel in lean_kernels:
+        report = vectorization.check(kernel.source(), target)
+        eight = sum(f in ("s8", "u8") for f in kernel.forms)
+        # per parameter dtype: the body loop, and an encode loop per 8-bit buffer
+        assert len(report.loops) == 3 * (1 + eight)
+        if not report.ok:
+            failed.append(f"{label} {kernel.forms}:\n{report.failures()}")
+    assert not failed, f"{target}: loops left scalar:\n" + "\n\n".join(failed)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _nonfinite, _state_precision
+from . import _nonfinite, _rounding, _state_precision
 from ._elementwise import _is_dtensor, default_foreach
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]]
@@ -64,17 +64,24 @@ COMMON_ARGS_DOC = """foreach: multi-tensor implementation (default: where the de
             parameters), ``"bf16"`` (bfloat16, stochastically rounded: 2 bytes per element) or ``"8bit"``
             (blockwise 8-bit codes with a float32 scale per 256 elements, stochastically rounded:
             about 1.02 bytes per element; tensors under 4096 elements stay float32). The update is
-            computed in float32 either way; see README "Lean optimizer state"."""
+            computed in float32 either way; see README "Lean optimizer state".
+        param_rounding: how bf16/fp16 parameters are written back from the float32 update:
+            ``"nearest"`` (default, as ``tensor.copy_``) or ``"stochastic"`` (unbiased, so updates
+            below the dtype's resolution still move the parameter on average: pure bf16 training
+            without a float32 copy of the weights). Other dtypes are unaffected. See README."""
 
 
 @torch.compiler.disable
-def _step_lean_group(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
-    """A group with lean state: decode, the same update, encode (``longmem._state_precision``).
-
-    Run eagerly under torch.compile too: its stochastic rounding draws from torch.Generators
-    seeded by the step count (so that a resumed run is bit-identical), which a compiled graph
-    cannot reproduce; the rest of a compiled step stays compiled around it."""
-    _state_precision.step_group(opt, group)
+def _step_group_eagerly(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
+    """A group whose step runs eagerly under torch.compile too: one with lean state (decode, the same
+    update, encode: ``longmem._state_precision``) or with stochastic parameter rounding. Their
+    rounding noise is keyed by host integers of the step count (``longmem._rounding``), which a
+    compiled graph cannot compute without reading the step back; the rest of a compiled step stays
+    compiled around it (one graph break per such group, no recompiles)."""
+    if opt._lean_state or group.get("state_precision", "fp32") != "fp32":
+        _state_precision.step_group(opt, group)
+    else:
+        opt._step_group(group)
 
 
 class LongMemOptimizer(Optimizer):
@@ -124,6 +131,7 @@ class LongMemOptimizer(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("nonfinite", _nonfinite.DEFAULT)
             group.setdefault("state_precision", _state_precision.DEFAULT)
+            group.setdefault("param_rounding", _rounding.DEFAULT)
         # unpickled or loaded (load_state_dict ends here): lean buffers in the state must be decoded even
         # by a group now in "fp32"
         self._lean_state = self._lean_state or _state_precision.holds_lean_state(self.state)
@@ -216,17 +224,27 @@ class LongMemOptimizer(Optimizer):
             self.skipped_steps += 1
             return loss
         for group in self.param_groups:
-            if self._lean_state or group.get("state_precision", "fp32") != "fp32":
-                _step_lean_group(self, group)
-                continue
-            params, grads, state, steps = self._collect(group)
-            if not params:
-                continue
-            # fused groups run longmem.kernels (one pass over memory); the rest foreach or per tensor
-            fused = bool(group.get("fused"))
-            foreach = False if fused else self._use_foreach(group, params)
-            self._update_group(group, params, grads, state, steps, foreach, fused)
+            lean = self._lean_state or group.get("state_precision", "fp32") != "fp32"
+            # (decided without torch.compiler.is_compiling(): where dynamo gives up on this frame it
+            # runs it eagerly and compiles the calls it makes, _step_group among them)
+            stochastic = group.get("param_rounding") == "stochastic" and any(
+                p.dtype in _rounding.ROUNDED_DTYPES for p in group["params"]
+            )
+            if lean or stochastic:
+                _step_group_eagerly(self, group)
+            else:
+                self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """One step of a group whose state is float32 (not lean)."""
+        params, grads, state, steps = self._collect(group)
+        if not params:
+            return
+        # fused groups run longmem.kernels (one pass over memory); the rest foreach or per tensor
+        fused = bool(group.get("fused"))
+        foreach = False if fused else self._use_foreach(group, params)
+        self._update_group(group, params, grads, state, steps, foreach, fused)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _format_name(self) -> str:
@@ -281,6 +299,8 @@ class LongMemOptimizer(Optimizer):
             saved["params"] = group["params"]
             if "state_precision" not in saved:  # saved before the option: keep this optimizer's choice
                 saved["state_precision"] = group.get("state_precision", _state_precision.DEFAULT)
+            if "param_rounding" not in saved:  # saved before the option: keep this optimizer's choice
+                saved["param_rounding"] = group.get("param_rounding", _rounding.DEFAULT)
             if "nonfinite" not in saved:  # format 0: keep this optimizer's own choice
                 saved["nonfinite"] = group.get("nonfinite", _nonfinite.DEFAULT)
             if "param_names" in group and "param_names" not in saved:
@@ -332,7 +352,8 @@ class LongMemOptimizer(Optimizer):
                     f"in the state dict and {len(group['params'])} in this optimizer"
                 )
             # torch's __setstate__ (run by every load) adds "differentiable" to the defaults
-            optional = ("foreach", "maximize", "fused", "differentiable", "nonfinite", "state_precision")
+            optional = ("foreach", "maximize", "fused", "differentiable", "nonfinite", "state_precision",
+                        "param_rounding")  # fmt: skip
             missing = sorted(k for k in self.defaults if k not in saved and k not in optional)
             if missing:
                 raise ValueError(

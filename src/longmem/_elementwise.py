@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from . import _scalars
+from . import _rounding, _scalars, _state_precision
 
 Buffers = Mapping[str, "Sequence[Tensor] | None"]
 
@@ -410,6 +410,8 @@ def run_rule(
     foreach: bool,
     maximize: bool,
     fused: bool = False,
+    param_rounding: str = "nearest",
+    rounding_streams: Sequence[int] | None = None,
 ) -> None:
     """Advance the steps and apply ``rule`` to every parameter, single-tensor, multi-tensor or fused.
 
@@ -417,13 +419,23 @@ def run_rule(
     ``None`` for a buffer this configuration does not keep). The working precision of each
     parameter is the dtype of its state buffers. ``fused`` runs the rule in one pass over memory
     (``longmem.kernels``); what the fused kernels cannot take runs the foreach path.
+    ``param_rounding="stochastic"`` writes bf16/fp16 parameters back from the float32 result with
+    stochastic rounding (``longmem._rounding``), the noise of parameter ``i`` keyed by
+    ``rounding_streams[i]`` (default: ``i``). A buffer list may be a ``LeanBuffers`` (lean state
+    as stored) only with ``fused``.
 
     Under ``torch.compile`` every path traces the rule tensor by tensor with step-dependent scalars
     as tensors (no host reads, no ctypes calls, so no graph breaks), and the compiler fuses each
     tensor's operations into one kernel: ``fused`` and ``foreach`` choose eager implementations only.
+    (The optimizers run groups with stochastic parameter rounding eagerly: its keys are host
+    integers of the step count.)
     """
     if not params:
         return
+    _rounding.check_mode(param_rounding)
+    streams = None
+    if param_rounding == "stochastic":
+        streams = list(range(len(params))) if rounding_streams is None else list(rounding_streams)
     if fused:
         from . import kernels  # imported on first use: plain optimizers never load it
 
@@ -433,15 +445,64 @@ def run_rule(
     indices: Sequence[int] = range(len(params))
     if torch.compiler.is_compiling():
         steps: Sequence[Any] = traced_steps(state_steps)
-        _apply(rule, params, grads, buffers, steps, indices, foreach=False, maximize=maximize, ops=TracedOps)
+        _apply(
+            rule,
+            params,
+            grads,
+            buffers,
+            steps,
+            indices,
+            foreach=False,
+            maximize=maximize,
+            streams=streams,
+            ops=TracedOps,
+        )
         return
     if fused:
         steps = kernels.advance_steps(state_steps, params) or advance_steps(state_steps)
-        indices = kernels.run_fused(rule, params, grads, buffers, steps, maximize=maximize)
+        indices = kernels.run_fused(
+            rule, params, grads, buffers, steps, maximize=maximize, param_streams=streams
+        )
         foreach = True
+        if indices and any(isinstance(row, _state_precision.LeanBuffers) for row in buffers.values()):
+            buffers = _decoded(buffers, indices)  # what the kernels left: decoded, updated, encoded
+            _apply(
+                rule, params, grads, buffers, steps, indices, foreach=True, maximize=maximize, streams=streams
+            )
+            _encoded(buffers, steps)
+            return
     else:
         steps = advance_steps(state_steps)
-    _apply(rule, params, grads, buffers, steps, indices, foreach=foreach, maximize=maximize)
+    _apply(rule, params, grads, buffers, steps, indices, foreach=foreach, maximize=maximize, streams=streams)
+
+
+class _Decoded(list):  # type: ignore[type-arg]
+    """A buffer list whose lean entries were replaced by float32 work tensors (``originals``)."""
+
+    originals: list[Any]
+
+
+def _decoded(buffers: Buffers, indices: Sequence[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, row in buffers.items():
+        if not isinstance(row, _state_precision.LeanBuffers):
+            out[name] = row
+            continue
+        decoded = _Decoded(row)
+        decoded.originals = list(row)
+        for i in indices:
+            if isinstance(row[i], _state_precision.LeanBuffer):
+                decoded[i] = row[i].decode()
+        out[name] = decoded
+    return out
+
+
+def _encoded(buffers: dict[str, Any], steps: Sequence[float]) -> None:
+    for row in buffers.values():
+        if isinstance(row, _Decoded):
+            for i, original in enumerate(row.originals):
+                if isinstance(original, _state_precision.LeanBuffer) and row[i] is not original:
+                    original.encode(row[i], steps[i])
 
 
 # On CPU each operation of a rule is its own pass over the tensors it touches; over a whole model
@@ -460,13 +521,16 @@ def _blocked(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _pieces(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> list[tuple[Tensor, Tensor, dict[str, Tensor]]]:
-    """``(p, g, state)`` whole, or cut into aligned flat blocks of ``CPU_BLOCK_NUMEL`` elements when
-    they are large contiguous CPU tensors."""
+Piece = tuple[Tensor, Tensor, dict[str, Tensor], int]
+
+
+def _pieces(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> list[Piece]:
+    """``(p, g, state, 0)`` whole, or cut into aligned flat blocks of ``CPU_BLOCK_NUMEL`` elements
+    when they are large contiguous CPU tensors, each with the flat index of its first element."""
     n = p.numel()
     tensors = (p, g, *state.values())
     if n <= CPU_BLOCK_NUMEL or not _blocked(p.device) or not all(t.is_contiguous() for t in tensors):
-        return [(p, g, state)]
+        return [(p, g, state, 0)]
     flat_p, flat_g = p.view(-1), g.view(-1)
     flat_state = {name: buf.view(-1) for name, buf in state.items()}
     return [
@@ -474,6 +538,7 @@ def _pieces(p: Tensor, g: Tensor, state: dict[str, Tensor]) -> list[tuple[Tensor
             flat_p[start : start + CPU_BLOCK_NUMEL],
             flat_g[start : start + CPU_BLOCK_NUMEL],
             {name: buf[start : start + CPU_BLOCK_NUMEL] for name, buf in flat_state.items()},
+            start,
         )
         for start in range(0, n, CPU_BLOCK_NUMEL)
     ]
@@ -505,26 +570,33 @@ def _apply(
     *,
     foreach: bool,
     maximize: bool,
+    streams: Sequence[int] | None = None,
     ops: type[TensorOps] = TensorOps,
 ) -> None:
-    """Apply ``rule`` at the (already advanced) ``steps`` to the parameters at ``indices``; ``ops``
-    runs the single-tensor path (``TracedOps`` under torch.compile)."""
+    """Apply ``rule`` at the (already advanced) ``steps`` to the parameters at ``indices``; with
+    ``streams``, low-precision parameters are written back with stochastic rounding; ``ops`` runs
+    the single-tensor path (``TracedOps`` under torch.compile)."""
     names = [name for name, tensors in buffers.items() if tensors is not None]
     absent = {name: None for name, tensors in buffers.items() if tensors is None}
     reference = names[0]  # every rule keeps at least one full-size buffer
 
-    def pieces_of(i: int) -> list[tuple[Tensor, Tensor, dict[str, Tensor]]]:
+    def pieces_of(i: int) -> list[Piece]:
         state = {name: _real(buffers[name][i]) for name in names}  # type: ignore[index]
         return _pieces(_real(params[i]), _real(grads[i]), state)
 
-    def work_tensors(
-        piece: tuple[Tensor, Tensor, dict[str, Tensor]],
-    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        p, g, state = piece
+    def work_tensors(piece: Piece) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        p, g, state, _ = piece
         dtype = state[reference].dtype
         g = g.to(dtype) if g.dtype != dtype else g
         pw = p.to(dtype) if p.dtype != dtype else p
         return p, pw, g, state
+
+    def write_back(i: int, p: Tensor, pw: Tensor, offset: int) -> None:
+        if streams is None or p.dtype not in _rounding.ROUNDED_DTYPES:
+            p.copy_(pw)
+        else:
+            key = _rounding.noise_key(steps[i], streams[i], _rounding.PARAM_STREAM)
+            _rounding.write_back(p, pw, key, offset)
 
     if not foreach:
         for i in indices:
@@ -534,7 +606,7 @@ def _apply(
                     g = torch.neg(g)
                 rule(ops, steps[i], pw, g, **state, **absent)
                 if pw is not p:
-                    p.copy_(pw)
+                    write_back(i, p, pw, piece[3])
         return
 
     buckets: dict[tuple[Any, ...], list[int]] = {}
@@ -543,10 +615,10 @@ def _apply(
         key = (p.device, p.dtype, buffers[reference][i].dtype, steps[i])  # type: ignore[index]
         buckets.setdefault(key, []).append(i)
     for (device, _, _, t), bucket in buckets.items():
-        pieces = [piece for i in bucket for piece in pieces_of(i)]
-        numels = [piece[0].numel() for piece in pieces]
+        pieces = [(i, piece) for i in bucket for piece in pieces_of(i)]
+        numels = [piece[0].numel() for _, piece in pieces]
         for batch in _batches(pieces, numels, device):
-            prepared = [work_tensors(piece) for piece in batch]
+            prepared = [work_tensors(piece) for _, piece in batch]
             originals = [item[0] for item in prepared]
             pw = [item[1] for item in prepared]
             g = [item[2] for item in prepared]
@@ -555,4 +627,8 @@ def _apply(
                 g = list(torch._foreach_neg(g))
             rule(ListOps, t, pw, g, **state, **absent)
             if pw[0] is not originals[0]:
-                torch._foreach_copy_(originals, pw)
+                if streams is None:
+                    torch._foreach_copy_(originals, pw)
+                    continue
+                for (i, piece), p, w in zip(batch, originals, pw, strict=True):
+                    write_back(i, p, w, piece[3])

@@ -1,12 +1,10 @@
 """Lean optimizer state: ``state_precision="bf16"`` or ``"8bit"`` on every longmem optimizer.
 
-The state is *stored* compressed and *computed* in float32: each step decodes a chunk of parameters'
-state (or a piece of one large tensor) to float32 work tensors, runs the optimizer's unchanged
-update rule on them (per tensor, foreach or fused, exactly as with ``"fp32"``), and encodes the
-result back. Every encoding rounds **stochastically**: rounded up with probability (distance to the
-lower grid point) / (grid spacing), so the stored value is unbiased. Round-to-nearest is not an
-option: with beta 0.9999 an EMA's increment ``(1 - beta) * (g - m)`` is far below one grid step, so
-it would be rounded away every step and the slow EMA would stop moving (docs/algorithms.md).
+The state is *stored* compressed and *computed* in float32. Every encoding rounds **stochastically**:
+up with probability (distance to the lower grid point) / (grid spacing), so the stored value is
+unbiased. Round-to-nearest is not an option: with beta 0.9999 an EMA's increment
+``(1 - beta) * (g - m)`` is far below one grid step, so it would be rounded away every step and the
+slow EMA would stop moving (docs/algorithms.md).
 
 Modes (``MODES``):
 
@@ -16,9 +14,9 @@ Modes (``MODES``):
   float32 result (``round_bf16``).
 * ``"8bit"``: each state buffer of a tensor with at least ``MIN_8BIT_NUMEL`` elements as one byte per
   element plus one float32 scale per ``BLOCK_SIZE`` elements (``quantize``): the block's absolute
-  maximum ``absmax``, and a code ``c`` meaning ``absmax * (c / L) ** P``. Signed buffers (first
-  moments, the previous gradient) use int8 codes with ``L = 127, P = 3``; non-negative ones (second
-  moments ``exp_avg_sq``, AdaMod's step-size average ``exp_avg_lr``) use uint8 codes with
+  maximum ``absmax``, and a code ``c`` meaning ``absmax * g(c)``, ``g(c) = (c / L) ** P``. Signed
+  buffers (first moments, the previous gradient) use int8 codes with ``L = 127, P = 3``; non-negative
+  ones (second moments ``exp_avg_sq``, AdaMod's step-size average ``exp_avg_lr``) use uint8 codes with
   ``L = 255, P = 4``, i.e. ``sqrt(nu)`` on a quadratic grid. The power grids resolve entries far below
   their block's maximum (down to about 5e-7 of it for P = 3, 2e-10 for P = 4) where a linear grid
   would round them to zero. A positive second moment is never rounded to zero: below the smallest
@@ -28,10 +26,33 @@ Modes (``MODES``):
 Only float32, bfloat16 and float16 parameters (plain tensors) get lean state; float64, complex and
 DTensor parameters keep full-precision state in every mode.
 
-Rounding noise is counter-based: the generator of each (parameter, buffer, step) is seeded from the
-parameter's position in the optimizer, the buffer and the step count (``rounding_seed``). The step
-count is in every state dict, so a resumed run draws the same noise and is bit-identical to one that
-never stopped; nothing else needs saving.
+Where the step runs:
+
+* **Fused groups** (``fused=True``) whose state is already in the group's form run in the fused
+  kernels (``_step_in_kernels``): the C kernels on CPU, the Triton ones on CUDA read the stored
+  codes, decode, run the rule in float32 and encode with stochastic rounding in the same single
+  pass, updating the codes in place; no float32 copy of the state exists. 8-bit state needs the
+  absmax of a block's *new* values before any of them can be encoded; the kernels use a
+  block-local scheme: each thread (CPU) or program instance (Triton) takes whole 256-element
+  blocks; the loop over a block decodes it with its old scale, runs the rule, stores the
+  parameter and keeps the block's new values (1 KiB per buffer, in L1 or registers) with their
+  absmax (an integer max over the float bits), and a second loop over the same block encodes them
+  with the new absmax. Every element still crosses the memory bus once per step.
+* **Everything else** (the per-tensor and foreach paths, a step that changes the mode, tensors the
+  kernels cannot take, no C compiler) decodes the state to float32 work tensors, runs the
+  unchanged rule and encodes the result, a chunk of parameters (or a piece of one large tensor)
+  at a time, so its float32 work memory is bounded.
+
+Both compute the same codec operation for operation (``longmem_ops.h``: ``lm_enc_s8``, ``lm_enc_u8``,
+``lm_f32_to_bf16_sr``): from the same float32 values every path stores the same bits. The 8-bit
+encoder finds the cell ``g(k) <= y < g(k + 1)`` of ``y = |x| / absmax`` by comparison with the grid
+itself (a root only proposes ``k`` or one below), and rounds up when 24 noise bits, as a fraction of
+the cell, fall below ``y - g(k)``.
+
+Rounding noise is counter-based (``longmem._rounding``): a fixed integer function of (seed, the
+parameter's position in the optimizer, the buffer, the step, the element's index), computed alike
+by torch, C and Triton. The step count is in every state dict, so a resumed run draws the same noise
+and is bit-identical to one that never stopped; nothing else needs saving.
 
 State dicts: ``param_groups`` record each group's ``state_precision``; 8-bit buffers are saved as
 their codes (int8/uint8, the parameter's shape) under the buffer's name plus ``<name>_absmax``
@@ -40,14 +61,28 @@ saved mode (as for every hyperparameter, the state dict's value replaces the opt
 mode, set ``group["state_precision"]``: the next step converts the stored state: to ``"fp32"``
 exactly, to a lean mode with stochastic rounding. A state dict saved before this option existed
 keeps the loading optimizer's mode, its float32 state converted on the next step.
+
+Checkpoints from before the counter-based noise (when the noise came from torch generators seeded
+per parameter, buffer and step, and the kernels ran on decoded float32 copies) have the same format:
+they load and continue. What differs for a run resumed from one: its rounding noise is not the one
+the older code would have drawn, so it does not continue with the bits the older code would have
+produced (it is as valid a continuation, and bit-identical from then on across further resumes); a
+code now decodes as ``g(c) * absmax`` with ``g`` evaluated by products of ``c * float32(1 / L)``
+(``_grid``) instead of ``(c / L) ** P`` with torch's division and pow, which can differ in the last
+bit; and a block holding NaN or Inf now gets well-defined codes (its scale still decodes it to
+non-finite values).
 """
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from . import _rounding
 
 if TYPE_CHECKING:
     from ._base import LongMemOptimizer
@@ -60,7 +95,6 @@ __all__ = [
     "dequantize",
     "quantize",
     "round_bf16",
-    "rounding_seed",
     "state_bytes",
 ]
 
@@ -88,7 +122,6 @@ CODEC_PIECE = 1 << 16
 _LEAN_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CODE_DTYPES = (torch.int8, torch.uint8)
 _NOISE_BITS = 24
-_MASK64 = (1 << 64) - 1
 
 
 def check_mode(value: Any) -> None:
@@ -98,40 +131,16 @@ def check_mode(value: Any) -> None:
         raise ValueError(f"state_precision must be one of {allowed}, got {value!r}")
 
 
-# ---- rounding noise --------------------------------------------------------------------------
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def rounding_seed(step: float, index: int, buffer: int) -> int:
-    """The seed of the rounding noise for parameter ``index`` (its position in the optimizer),
-    state buffer ``buffer`` (position in the optimizer's ``_buffers``) at step ``step``."""
-    return _splitmix64(_splitmix64(_splitmix64(int(step)) ^ index) ^ buffer)
-
-
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 # ---- codecs ----------------------------------------------------------------------------------
 
+#: float32(1 / L) of each grid: a code c is first turned into t = c * (1 / L), as the kernels do
+_INV_LEVELS = {True: struct.unpack("f", struct.pack("f", 1 / SIGNED_GRID[0]))[0],
+               False: struct.unpack("f", struct.pack("f", 1 / UNSIGNED_GRID[0]))[0]}  # fmt: skip
 
-def round_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """float32 ``x`` as bfloat16, rounded stochastically (unbiased; error below one bf16 ulp).
 
-    bfloat16 is float32 without its low 16 bits: a uniform 16-bit integer is added to the bit
-    pattern, carrying into bit 16 with probability (low bits) / 2^16, and the low bits are dropped.
-    Infinities stay infinite and the usual NaNs stay NaN.
-    """
-    x = x.contiguous()
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    noise.add_(x.view(torch.int32)).bitwise_and_(-65536)
-    return noise.view(torch.float32).to(torch.bfloat16)
+def round_bf16(x: Tensor, key: int, start: int = 0) -> Tensor:
+    """float32 ``x`` as bfloat16, stochastically rounded with the noise of ``key`` (``_rounding``)."""
+    return _rounding.round_bf16(x, key, start)
 
 
 def num_blocks(numel: int) -> int:
@@ -147,46 +156,62 @@ def _blocks(flat: Tensor) -> Tensor:
     return flat.view(-1, BLOCK_SIZE)
 
 
-def quantize(x: Tensor, signed: bool, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """float32 ``x`` as 8-bit codes (int8 if ``signed`` else uint8, ``x``'s shape) and per-block
-    scales (float32, ``num_blocks(x.numel())``), rounded stochastically between grid points.
+def _grid(k: Tensor, signed: bool) -> Tensor:
+    """The grid points g(k) = (k / L) ** P of integer codes ``k``, evaluated exactly as the kernels
+    evaluate them (``lm_grid_s8``, ``lm_grid_u8``): t = k * float32(1 / L), then (t * t) * t for
+    P = 3, (t * t) * (t * t) for P = 4."""
+    t = k.float().mul_(_INV_LEVELS[signed])
+    square = t * t
+    return square.mul_(t) if signed else square.mul_(square)
 
-    The grid of a block is ``absmax * (c / L) ** P`` (``SIGNED_GRID``, ``UNSIGNED_GRID``); a value
-    between grid points ``lo < x < hi`` becomes ``hi`` with probability ``(x - lo) / (hi - lo)``, so
-    the decoded value is unbiased and off by less than one grid spacing. Unsigned: a positive value
-    below the first grid point rounds up to it (never to zero); ``x`` must be >= 0.
+
+def quantize(x: Tensor, signed: bool, key: int, start: int = 0) -> tuple[Tensor, Tensor]:
+    """float32 ``x`` as 8-bit codes (int8 if ``signed`` else uint8, ``x``'s shape) and per-block
+    scales (float32, ``num_blocks(x.numel())``), rounded stochastically between grid points with the
+    noise of ``key`` for elements ``start ...`` (a multiple of ``BLOCK_SIZE``).
+
+    The grid of a block is ``absmax * g(c)``, ``g(c) = (c / L) ** P`` (``SIGNED_GRID``,
+    ``UNSIGNED_GRID``, evaluated as ``_grid``). With ``y = |x| / absmax`` in the cell
+    ``g(k) <= y < g(k + 1)``, the code is ``k + 1`` with probability ``(y - g(k)) / (g(k + 1) - g(k))``
+    (resolved to 2^-24), so the decoded value is unbiased and off by less than one grid spacing.
+    Unsigned: a positive value below the first grid point rounds up to it (never to zero); ``x``
+    must be >= 0. Operation for operation what the fused kernels do (``lm_enc_s8``, ``lm_enc_u8`` in
+    longmem_ops.h), so every path gives the same codes. A block holding NaN gets a NaN scale (it
+    decodes to NaN); one holding an infinity an infinite one.
     """
-    levels, power = SIGNED_GRID if signed else UNSIGNED_GRID
+    levels, _ = SIGNED_GRID if signed else UNSIGNED_GRID
     blocks = _blocks(x.reshape(-1).float())
-    magnitude = blocks.abs()
-    absmax = magnitude.amax(dim=1)
-    inv = torch.where(absmax > 0, absmax.reciprocal(), torch.zeros_like(absmax))
-    y = magnitude.mul_(inv[:, None])  # |x| / absmax, in [0, 1]
-    u = y.pow(1.0 / power) if power != 4 else y.sqrt().sqrt_()
-    # the grid point below (u >= 0, so truncation is floor; also much cheaper than floor on CPU)
-    k = u.mul_(levels).to(torch.int32).clamp_(max=levels - 1).float()
-    lo = torch.div(k, levels).pow_(power)
-    hi = torch.add(k, 1).div_(levels).pow_(power)
-    # round up with probability (y - lo) / (hi - lo), resolved to 2^-24: noise < threshold
-    scaled = y.sub_(lo).div_(hi.sub_(lo)).mul_(float(1 << _NOISE_BITS))
-    threshold = scaled.to(torch.int32)
-    noise = torch.randint(
-        0, 1 << _NOISE_BITS, y.shape, dtype=torch.int32, device=x.device, generator=generator
-    )
-    k.add_(noise.lt_(threshold))
-    if signed:
-        k.copysign_(blocks)
+    bits = blocks.view(torch.int32)
+    # the block's absmax as an integer max over |x|'s bits (the float max, NaN above inf)
+    absmax = (bits & 0x7FFFFFFF).amax(dim=1).view(torch.float32)
+    inv = torch.where(absmax > 0, absmax.reciprocal(), 0.0)
+    # y = |x| / absmax, at most 1; NaN (of either sign) becomes 1 (lm_unit: an unsigned min on the bits)
+    y = blocks.abs().mul_(inv[:, None]).nan_to_num_(nan=1.0).clamp_(max=1.0)
+    positive = None if signed else y > 0
+    # a proposal for the cell, its k or one below, then the cell by comparison with the grid itself
+    root = y.pow(1.0 / 3.0) if signed else y.sqrt().sqrt_()
+    k0 = root.mul_(levels).sub_(0.5).to(torch.int32).clamp_(0, levels - 1)
+    k = k0.add_((y >= _grid(k0 + 1, signed)).logical_and_(k0 < levels - 1))
+    lo = _grid(k, signed)  # the cell [lo, hi): the same values the kernels pick (LM_ENCODE)
+    hi = _grid(k + 1, signed)
+    # round up when the noise, as a fraction of the cell, falls below y - lo (lm_round_up)
+    noise = (_rounding.noise(key, start, y.numel(), x.device) >> (32 - _NOISE_BITS)).to(torch.int32)
+    fraction = noise.view(y.shape).to(torch.float32).mul_(2.0**-_NOISE_BITS).mul_(hi.sub_(lo))
+    k = k.add_(fraction < y.sub_(lo))
+    if signed:  # (k ^ s) - s, s = -1 for a negative x (its sign bit), else 0
+        sign = bits >> 31
+        k = k.bitwise_xor_(sign).sub_(sign)
     else:  # a positive value rounded to 0: up to the first grid point instead
-        k.masked_fill_((k == 0) & (scaled > 0), 1)
+        k = k.add_((k == 0).logical_and_(positive))
     codes = k.to(torch.int8 if signed else torch.uint8).view(-1)[: x.numel()].view(x.shape)
     return codes, absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
-    """The float32 values of 8-bit ``codes`` with per-block scales ``absmax`` (as ``quantize``)."""
-    levels, power = SIGNED_GRID if signed else UNSIGNED_GRID
+    """The float32 values of 8-bit ``codes`` with per-block scales ``absmax``: ``g(c) * absmax``
+    (``_grid``; as ``lm_dec_s8``, ``lm_dec_u8``)."""
     flat = codes.reshape(-1)
-    y = _blocks(flat.float()).div_(levels).pow_(power).mul_(absmax[:, None])
+    y = _grid(_blocks(flat), signed).mul_(absmax[:, None])
     return y.view(-1)[: flat.numel()].view(codes.shape)
 
 
@@ -199,10 +224,9 @@ def slow_ema_trace(
     warning that a slow EMA stalls under round-to-nearest (the tests and benchmarks/state_precision.py
     use it)."""
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.Generator()
     exact = torch.zeros(n)
     m = torch.zeros(n)
-    stored: Any = quantize(m, True) if mode == "8bit" else m.to(torch.bfloat16)
+    stored: Any = quantize(m, True, 0) if mode == "8bit" else m.to(torch.bfloat16)
     for t in range(1, steps + 1):
         g = torch.randn(n, generator=gen).add_(0.5)
         exact.lerp_(g, 1 - beta)
@@ -211,8 +235,8 @@ def slow_ema_trace(
             continue
         m = dequantize(*stored, True) if mode == "8bit" else stored.float()
         m.lerp_(g, 1 - beta)
-        noise.manual_seed(t)
-        stored = quantize(m, True, noise) if mode == "8bit" else round_bf16(m, noise)
+        key = _rounding.noise_key(t, 0, 0)
+        stored = quantize(m, True, key) if mode == "8bit" else round_bf16(m, key)
     if mode != "bf16-nearest":
         m = dequantize(*stored, True) if mode == "8bit" else stored.float()
     return m, exact
@@ -322,19 +346,17 @@ def _storage_for(stored: dict[str, Any], name: str, p: Tensor, form: str) -> dic
     return _new_stored(p, name, form)
 
 
-def _encode_into(
-    stored: dict[str, Tensor], name: str, work: Tensor, offset: int, generator: torch.Generator
-) -> None:
+def _encode_into(stored: dict[str, Tensor], name: str, work: Tensor, offset: int, key: int) -> None:
     """Encode float32 ``work`` into the flat range ``offset:`` of ``stored`` (``_new_stored`` or
-    ``_storage_for``; ``offset`` a multiple of ``BLOCK_SIZE``), drawing its rounding noise from
-    ``generator`` in order."""
+    ``_storage_for``; ``offset`` a multiple of ``BLOCK_SIZE``), with the rounding noise of ``key``
+    for those elements."""
     codes = stored[name].view(-1)
     for start, piece in _codec_pieces(work.reshape(-1)):
         at = offset + start
         if codes.dtype == torch.bfloat16:
-            codes[at : at + piece.numel()] = round_bf16(piece, generator)
+            codes[at : at + piece.numel()] = round_bf16(piece, key, at)
             continue
-        piece_codes, piece_absmax = quantize(piece, name not in UNSIGNED_BUFFERS, generator)
+        piece_codes, piece_absmax = quantize(piece, name not in UNSIGNED_BUFFERS, key, at)
         codes[at : at + piece.numel()] = piece_codes.view(-1)
         first = at // BLOCK_SIZE
         stored[name + SCALE_SUFFIX][first : first + piece_absmax.numel()] = piece_absmax
@@ -346,13 +368,13 @@ def _store(state: dict[str, Any], name: str, stored: dict[str, Tensor]) -> None:
         state.pop(name + SCALE_SUFFIX, None)
 
 
-def _encode(state: dict[str, Any], name: str, work: Tensor, form: str, seed: int) -> None:
+def _encode(state: dict[str, Any], name: str, work: Tensor, form: str, key: int) -> None:
     if form == "full":
         state[name] = work
         state.pop(name + SCALE_SUFFIX, None)
         return
     stored = _new_stored(work, name, form)
-    _encode_into(stored, name, work, 0, _generator(seed, work.device))
+    _encode_into(stored, name, work, 0, key)
     _store(state, name, stored)
 
 
@@ -414,18 +436,22 @@ def _step_in_pieces(
     paths: tuple[bool, bool],
 ) -> None:
     """One step of the group's parameter ``i`` (``tensors``: it, its gradient, its step counter;
-    its state stored in ``form``, seeded by its ``position``), a flat piece of ``CHUNK_ELEMENTS`` at
-    a time: each piece's state decoded, updated by the unchanged rule and encoded back in place (into
-    new storage on a mode change), so that the float32 work memory is one piece, not the whole
-    tensor. Each buffer's noise comes from one generator in element order, so the result is that of
-    one piece. Every piece's update advances a copy of the step counter and of the scalar state
-    (functions of the step alone) except the last one's, which advances the optimizer's own."""
+    its state stored in ``form``, its noise keyed by its ``position``), a flat piece of
+    ``CHUNK_ELEMENTS`` at a time: each piece's state decoded, updated by the unchanged rule and
+    encoded back in place (into new storage on a mode change), so that the float32 work memory is
+    one piece, not the whole tensor. The noise of an element depends on its index in the tensor
+    alone, so the result is that of one piece. Every piece's update advances a copy of the step
+    counter and of the scalar state (functions of the step alone) except the last one's, which
+    advances the optimizer's own. A stochastically rounded bf16/fp16 parameter is updated in a
+    float32 copy of each piece and rounded here, at the piece's offset."""
     p, g, step = tensors
     stored = opt.state[p]
     t = (step + 1).item()  # the step the rule runs at: the counter's float32 increment
     fresh = {name: _storage_for(stored, name, p, form) for _, name in names}
-    generators = {name: _generator(rounding_seed(t, position, b), p.device) for b, name in names}
+    keys = {name: _rounding.noise_key(t, position, b) for b, name in names}
     buffer_names = {name for _, name in names}
+    stochastic = group.get("param_rounding") == "stochastic" and p.dtype in _rounding.ROUNDED_DTYPES
+    nearest = {**group, "param_rounding": "nearest"}  # the pieces are views: rounded below instead
     n = p.numel()
     for start in range(0, n, CHUNK_ELEMENTS):
         span = slice(start, start + CHUNK_ELEMENTS)
@@ -439,16 +465,112 @@ def _step_in_pieces(
             else:
                 work[key] = [per_param[i] if last else per_param[i].clone()]
         counter = step if last else step.clone()
-        opt._update_group(group, [p.view(-1)[span]], [g.view(-1)[span]], work, [counter], *paths)
+        piece = p.view(-1)[span]
+        target = piece.float() if stochastic else piece
+        opt._update_group(nearest, [target], [g.view(-1)[span]], work, [counter], *paths)
+        if stochastic:
+            _rounding.write_back(
+                piece, target, _rounding.noise_key(t, position, _rounding.PARAM_STREAM), start
+            )
         for _, name in names:
-            _encode_into(fresh[name], name, work[name][0], start, generators[name])
+            _encode_into(fresh[name], name, work[name][0], start, keys[name])
     for _, name in names:
         _store(stored, name, fresh[name])
 
 
+# ---- in the fused kernels -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeanBuffer:
+    """A state buffer as it is stored (bf16, or 8-bit codes and their scales), handed to the fused
+    kernels, which decode it, run the rule and encode it back in the same pass (in place)."""
+
+    codes: Tensor  # bfloat16, or int8/uint8 codes: the parameter's shape
+    scales: Tensor | None  # 8-bit: the float32 absmax of each block
+    stream: int  # the buffer's index in the optimizer's _buffers (its noise stream)
+    position: int  # the parameter's position in the optimizer
+
+    @property
+    def form(self) -> str:
+        """``"bf16"``, ``"s8"`` (int8 codes) or ``"u8"`` (uint8 codes)."""
+        return _KERNEL_FORMS[self.codes.dtype]
+
+    def decode(self) -> Tensor:
+        """The float32 values (for a path that cannot take the stored form)."""
+        if self.scales is None:
+            return self.codes.float()
+        return dequantize(self.codes, self.scales, self.form == "s8")
+
+    def encode(self, work: Tensor, step: float) -> None:
+        """Store float32 ``work`` back into the codes (and scales), as the kernels would."""
+        key = _rounding.noise_key(step, self.position, self.stream)
+        if self.scales is None:
+            self.codes.copy_(round_bf16(work, key))
+            return
+        codes, scales = quantize(work, self.form == "s8", key)
+        self.codes.copy_(codes)
+        self.scales.copy_(scales)
+
+
+_KERNEL_FORMS = {torch.bfloat16: "bf16", torch.int8: "s8", torch.uint8: "u8"}
+
+
+class LeanBuffers(list):  # type: ignore[type-arg]
+    """A list of a state buffer's tensors, some of them ``LeanBuffer``: only the fused kernels take
+    it (the kernels tell it from a plain list by its type, without looking at each element)."""
+
+
+def _in_form(stored: dict[str, Any], name: str, p: Tensor, form: str) -> bool:
+    """Whether buffer ``name`` of ``p`` is stored in ``form`` already (no conversion this step)."""
+    buf = stored[name]
+    if form == "full":
+        return buf.dtype == _full_dtype(p)
+    if form == "bf16":
+        return buf.dtype == torch.bfloat16
+    want = torch.uint8 if name in UNSIGNED_BUFFERS else torch.int8
+    return buf.dtype == want and name + SCALE_SUFFIX in stored
+
+
+def _full_dtype(p: Tensor) -> torch.dtype:
+    from ._base import state_dtype
+
+    return state_dtype(p)
+
+
+def _for_kernel(stored: dict[str, Any], name: str, stream: int, position: int) -> Tensor | LeanBuffer:
+    buf = stored[name]
+    if buf.dtype not in _KERNEL_FORMS:
+        return buf
+    return LeanBuffer(buf, stored.get(name + SCALE_SUFFIX), stream, position)
+
+
+def _step_in_kernels(
+    opt: LongMemOptimizer,
+    group: dict[str, Any],
+    chosen: list[int],
+    collected: tuple[list[Tensor], list[Tensor], dict[str, Any], list[Tensor]],
+    names: list[tuple[int, str]],
+    position: dict[int, int],
+) -> None:
+    """The fused step of the parameters at ``chosen``, their state in the stored forms: the kernels
+    decode, update and encode it in one pass, in place, with no float32 copy of it."""
+    params, grads, state, steps = collected
+    ps = [params[i] for i in chosen]
+    work: dict[str, Any] = {k: (None if v is None else [v[i] for i in chosen]) for k, v in state.items()}
+    for b, name in names:
+        work[name] = LeanBuffers(_for_kernel(opt.state[p], name, b, position[id(p)]) for p in ps)
+    opt._update_group(group, ps, [grads[i] for i in chosen], work, [steps[i] for i in chosen], False, True)
+
+
 def step_group(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
-    """One step of ``group`` with its state decoded to float32 work tensors and encoded back in the
-    group's ``state_precision`` (any stored form is read: this is also how the mode changes)."""
+    """One step of ``group`` with its state in the group's ``state_precision``. Fused groups whose
+    state is in that form already run in the kernels, codes and all (``_step_in_kernels``); the
+    rest (other paths, a mode change, what the kernels cannot take) decode the state to float32
+    work tensors, run the update and encode it back, a chunk at a time (any stored form is read:
+    this is also how the mode changes)."""
+    from . import kernels
+
     mode = group.get("state_precision", DEFAULT)
     if mode != DEFAULT:
         opt._lean_state = True
@@ -458,18 +580,23 @@ def step_group(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
         return
     fused = bool(group.get("fused"))
     foreach = False if fused else opt._use_foreach(group, params)
-    first = 0
-    for g in opt.param_groups:
-        if g is group:
-            break
-        first += len(g["params"])
-    position = {id(p): first + i for i, p in enumerate(group["params"])}
+    position = _rounding.positions(opt, group)
     names = [(b, name) for b, name in enumerate(opt._buffers) if state.get(name) is not None]
     buffer_names = [name for _, name in names]
-    large = [
+    in_kernels = [
         i
         for i, p in enumerate(params)
-        if _in_pieces(p, grads[i], opt.state[p], buffer_names, form_for(p, mode))
+        if fused
+        and all(_in_form(opt.state[p], name, p, form_for(p, mode)) for name in buffer_names)
+        and kernels.takes_lean(p, grads[i], [opt.state[p][name] for name in buffer_names])
+    ]
+    if in_kernels:
+        _step_in_kernels(opt, group, in_kernels, (params, grads, state, steps), names, position)
+    rest = sorted(set(range(len(params))) - set(in_kernels))
+    large = [
+        i
+        for i in rest
+        if _in_pieces(params[i], grads[i], opt.state[params[i]], buffer_names, form_for(params[i], mode))
     ]
     for i in large:
         p = params[i]
@@ -477,8 +604,7 @@ def step_group(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
         _step_in_pieces(
             opt, group, i, tensors, state, names, form_for(p, mode), position[id(p)], (foreach, fused)
         )
-    rest = sorted(set(range(len(params))) - set(large))
-    for chunk in _chunks(params, rest):
+    for chunk in _chunks(params, sorted(set(rest) - set(large))):
         ps = [params[i] for i in chunk]
         work: dict[str, Any] = {k: (None if v is None else [v[i] for i in chunk]) for k, v in state.items()}
         for _, name in names:
@@ -490,7 +616,7 @@ def step_group(opt: LongMemOptimizer, group: dict[str, Any]) -> None:
             form = form_for(p, mode)
             t = steps[chunk[j]].item()
             for b, name in names:
-                _encode(opt.state[p], name, work[name][j], form, rounding_seed(t, position[id(p)], b))
+                _encode(opt.state[p], name, work[name][j], form, _rounding.noise_key(t, position[id(p)], b))
 
 
 # ---- checkpoints -------------------------------------------------------------------------------

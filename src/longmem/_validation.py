@@ -14,6 +14,8 @@ import torch
 
 from ._nonfinite import DEFAULT as NONFINITE_DEFAULT
 from ._nonfinite import check_mode as check_nonfinite
+from ._rounding import DEFAULT as PARAM_ROUNDING_DEFAULT
+from ._rounding import check_mode as check_param_rounding
 from ._state_precision import DEFAULT as STATE_PRECISION_DEFAULT
 from ._state_precision import check_mode as check_state_precision
 
@@ -111,3 +113,4 @@ def check_common(
     check_fused(group.get("fused"), group["foreach"])
     check_nonfinite(group.get("nonfinite", NONFINITE_DEFAULT))
     check_state_precision(group.get("state_precision", STATE_PRECISION_DEFAULT))
+    check_param_rounding(group.get("param_rounding", PARAM_ROUNDING_DEFAULT))

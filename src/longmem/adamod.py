@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
-from . import _scalars
+from . import _rounding, _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
@@ -63,6 +63,7 @@ class AdaMod(LongMemOptimizer):
         fused: bool | None = None,
         nonfinite: str = "ignore",
         state_precision: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -75,6 +76,7 @@ class AdaMod(LongMemOptimizer):
             fused=fused,
             nonfinite=nonfinite,
             state_precision=state_precision,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 
@@ -109,6 +111,8 @@ class AdaMod(LongMemOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            param_rounding=group["param_rounding"],
+            rounding_streams=_rounding.streams_for(self, group, params),
         )
 
 
@@ -186,6 +190,8 @@ def adamod(
     eps: float,
     weight_decay: float,
     maximize: bool = False,
+    param_rounding: str = "nearest",
+    rounding_streams: Sequence[int] | None = None,
 ) -> None:
     """Functional AdaMod step (see :class:`AdaMod`)."""
     rule = bound_rule(lr, beta1, beta2, beta3, eps, weight_decay)
@@ -198,4 +204,6 @@ def adamod(
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
         fused=bool(fused),
+        param_rounding=param_rounding,
+        rounding_streams=rounding_streams,
     )

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _scalars
+from . import _rounding, _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT, state_dtype
 from ._elementwise import default_foreach, run_rule
@@ -110,6 +110,7 @@ class AdEMAMix(LongMemOptimizer):
         fused: bool | None = None,
         nonfinite: str = "ignore",
         state_precision: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -124,6 +125,7 @@ class AdEMAMix(LongMemOptimizer):
             fused=fused,
             nonfinite=nonfinite,
             state_precision=state_precision,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 
@@ -178,6 +180,8 @@ class AdEMAMix(LongMemOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            param_rounding=group["param_rounding"],
+            rounding_streams=_rounding.streams_for(self, group, params),
         )
 
     @classmethod
@@ -298,6 +302,8 @@ def ademamix(
     eps: float,
     weight_decay: float,
     maximize: bool = False,
+    param_rounding: str = "nearest",
+    rounding_streams: Sequence[int] | None = None,
 ) -> None:
     """Functional AdEMAMix step (see :class:`AdEMAMix`); ``exp_avg_fasts`` is None when beta1 == 0."""
     rule = partial(
@@ -321,4 +327,6 @@ def ademamix(
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
         fused=bool(fused),
+        param_rounding=param_rounding,
+        rounding_streams=rounding_streams,
     )

@@ -83,6 +83,13 @@ def verify(path: PathLike) -> None:
             if not any(name.endswith("/data.pkl") for name in names):
                 raise CheckpointError(f"checkpoint {str(path)!r} is a zip archive but not a torch.save file")
             bad = archive.testzip()
+            # torch's reader (miniz) takes an entry whose MS-DOS directory attribute is set for a
+            # directory and reads no data for it: a flipped bit there would load wrong numbers
+            flagged = [i.filename for i in archive.infolist() if i.external_attr & 0x10]
+            if flagged:
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r} is corrupt: record {flagged[0]!r} is marked a directory"
+                )
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as err:

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from . import _scalars
+from . import _rounding, _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
@@ -68,6 +68,7 @@ class DiffGrad(LongMemOptimizer):
         fused: bool | None = None,
         nonfinite: str = "ignore",
         state_precision: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -79,6 +80,7 @@ class DiffGrad(LongMemOptimizer):
             fused=fused,
             nonfinite=nonfinite,
             state_precision=state_precision,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 
@@ -111,6 +113,8 @@ class DiffGrad(LongMemOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            param_rounding=group["param_rounding"],
+            rounding_streams=_rounding.streams_for(self, group, params),
         )
 
 
@@ -159,6 +163,8 @@ def diffgrad(
     eps: float,
     weight_decay: float,
     maximize: bool = False,
+    param_rounding: str = "nearest",
+    rounding_streams: Sequence[int] | None = None,
 ) -> None:
     """Functional diffGrad step (see :class:`DiffGrad`)."""
     rule = partial(
@@ -178,4 +184,6 @@ def diffgrad(
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
         fused=bool(fused),
+        param_rounding=param_rounding,
+        rounding_streams=rounding_streams,
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
+from . import _rounding
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, run_rule
@@ -87,6 +88,7 @@ class DiffMod(LongMemOptimizer):
         fused: bool | None = None,
         nonfinite: str = "ignore",
         state_precision: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         len_memory, beta3 = _resolve_memory(len_memory, beta3)
         defaults = dict(
@@ -101,6 +103,7 @@ class DiffMod(LongMemOptimizer):
             fused=fused,
             nonfinite=nonfinite,
             state_precision=state_precision,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 
@@ -143,6 +146,8 @@ class DiffMod(LongMemOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
+            param_rounding=group["param_rounding"],
+            rounding_streams=_rounding.streams_for(self, group, params),
         )
 
 
@@ -164,6 +169,8 @@ def diffmod(
     eps: float,
     weight_decay: float,
     maximize: bool = False,
+    param_rounding: str = "nearest",
+    rounding_streams: Sequence[int] | None = None,
 ) -> None:
     """Functional DiffMod step (see :class:`DiffMod`)."""
     rule = bound_rule(lr, beta1, beta2, beta3, eps, weight_decay)
@@ -181,4 +188,6 @@ def diffmod(
         foreach=default_foreach(params) if foreach is None else foreach,
         maximize=maximize,
         fused=bool(fused),
+        param_rounding=param_rounding,
+        rounding_streams=rounding_streams,
     )

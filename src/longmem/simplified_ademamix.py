@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from . import _scalars
+from . import _rounding, _scalars
 from . import _validation as check
 from ._base import LongMemOptimizer, ParamsT
 from ._elementwise import default_foreach, mutable, run_rule
@@ -82,6 +82,7 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
         fused: bool | None = None,
         nonfinite: str = "ignore",
         state_precision: str = "fp32",
+        param_rounding: str = "nearest",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -98,6 +99,7 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
             fused=fused,
             nonfinite=nonfinite,
             state_precision=state_precision,
+            param_rounding=param_rounding,
         )
         super().__init__(params, defaults)
 
@@ -140,6 +142,8 @@ class SimplifiedAdEMAMix(LongMemOptimizer):
             bias_correction1=group["bias_correction1"],
             bias_correction2=group["bias_correction2"],
             maximize=group["maximize"],
+            param_rounding=group["param_rounding"],
+            rounding_streams=_rounding.streams_for(self, group, params),
         )
 
 
@@ -208,6 +212,8 @@ def simplified_ademamix(
     bias_correction1: bool,
     bias_correction2: bool,
     maximize: bool = False,
+    param_rounding: str = "nearest",
+    rounding_streams: Sequence[int] | None = None,
 ) -> None:
     """Functional Simplified AdEMAMix step (see :class:`SimplifiedAdEMAMix`)."""
     # W_t = beta1_t * W_{t-1} + 1 is kept in float64 state; the rule takes this step's value. In
@@ -242,12 +248,15 @@ def simplified_ademamix(
         bias_correction2=bias_correction2,
     )
     for weight_sum, members in batches:
+        streams = rounding_streams
         if len(members) == len(params):
             ps, gs, ms, nus, steps = params, grads, exp_avgs, exp_avg_sqs, state_steps
         else:
             ps, gs, ms, nus, steps = (
                 [xs[i] for i in members] for xs in (params, grads, exp_avgs, exp_avg_sqs, state_steps)
             )
+            if streams is not None:
+                streams = [streams[i] for i in members]
         run_rule(
             partial(rule, weight_sum=weight_sum),
             ps,
@@ -257,4 +266,6 @@ def simplified_ademamix(
             foreach=default_foreach(ps) if foreach is None else foreach,
             maximize=maximize,
             fused=bool(fused),
+            param_rounding=param_rounding,
+            rounding_streams=streams,
         )

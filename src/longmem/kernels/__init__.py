@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .._state_precision import LeanBuffers
 from . import cpu, program
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "check_fused_params",
     "prepare",
     "run_fused",
+    "takes_lean",
 ]
 
 
@@ -47,6 +49,7 @@ class FusedFallbackWarning(UserWarning):
 _warned: set[str] = set()
 _dtype = operator.attrgetter("dtype")
 _is_cpu = operator.attrgetter("is_cpu")
+_ROUNDED = (torch.bfloat16, torch.float16)
 
 #: parameter dtypes the fused kernels take, on CPU and CUDA alike (``cpu.DTYPE_CODES``,
 #: ``cuda._VIEWS``); complex ones as pairs of reals
@@ -126,6 +129,18 @@ def prepare(
     return trace, state
 
 
+def takes_lean(p: Tensor, g: Tensor, stored: Sequence[Tensor]) -> bool:
+    """Whether a fused step can run ``p`` with its state buffers as they are ``stored`` (float32,
+    bfloat16 or 8-bit codes), decoding and encoding them in the kernel (``LeanBuffer``)."""
+    if p.is_cpu:
+        return cpu.takes(p, g, stored) and _cpu_library() is not None
+    if p.is_cuda:
+        from . import cuda
+
+        return cuda.available() and cuda.takes_lean(p, g, stored)
+    return False
+
+
 def run_fused(
     rule: Callable[..., None],
     params: Sequence[Tensor],
@@ -134,12 +149,19 @@ def run_fused(
     steps: Sequence[float],
     *,
     maximize: bool,
+    param_streams: Sequence[int] | None = None,
 ) -> list[int]:
     """Apply ``rule`` at each parameter's step with the fused kernels; steps are already advanced.
+    A buffer list may be a ``LeanBuffers`` (lean state as stored: decoded, updated and encoded in
+    the kernels); ``param_streams`` (each parameter's noise stream) asks for bf16/fp16 parameters
+    to be written back with stochastic rounding.
 
     Returns the indices of the parameters it left for the caller's foreach path.
     """
     trace, state = prepare(rule, buffers)
+    if param_streams is not None and not any(p.dtype in _ROUNDED for p in params):
+        param_streams = None  # nothing to round: the plain kernels
+    lean = param_streams is not None or any(type(row) is LeanBuffers for row in state)
     on_cpu: list[int] = []
     on_cuda: list[int] = []
     left: list[int] = []
@@ -156,10 +178,22 @@ def run_fused(
     if on_cpu:
         if _cpu_library() is None:
             left += on_cpu
+        elif lean:
+            left += cpu.run_lean_step(trace, params, grads, state, steps, on_cpu, maximize, param_streams)
         else:
             left += cpu.run_step(trace, params, grads, state, steps, on_cpu, maximize)
     if on_cuda:
         from . import cuda
 
-        left += cuda.run_step(trace, params, grads, state, steps, on_cuda, maximize, warn=_warn_once)
+        left += cuda.run_step(
+            trace,
+            params,
+            grads,
+            state,
+            steps,
+            on_cuda,
+            maximize,
+            warn=_warn_once,
+            param_streams=param_streams,
+        )
     return sorted(left)

@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._rounding import PARAM_STREAM
+from .._state_precision import LeanBuffer
 from .program import OP_NAMES, Program
 
 KERNEL_DIR = Path(__file__).parent
@@ -184,6 +186,9 @@ class Library:
         lib.longmem_run.argtypes = [_p, _p, _i32, _i32, _i32, _p, _p, _p, _p, _i32, _i64, _i64, _i64]
         lib.longmem_advance_steps.restype = None
         lib.longmem_advance_steps.argtypes = [_p, _i64, _p]
+        lib.longmem_run_lean.restype = ctypes.c_int
+        lib.longmem_run_lean.argtypes = [_p, _p, _i32, _i32, _i32, _p, _p, _p, _p, _i32, _i64, _i64, _i64,
+                                         _p, _p, _p, ctypes.c_double, _i32]  # fmt: skip
         self.lib = lib
 
 
@@ -250,14 +255,20 @@ _STORE = {
 }
 
 
-def specialized_source(program: Program) -> str:
+def specialized_source(program: Program, forms: Sequence[str] | None = None, stochastic: bool = False) -> str:
     """C source of a kernel that runs ``program`` with every value in registers.
 
     One loop per parameter dtype (float32, bfloat16, float16; the gradient has the parameter's
     dtype), each a straight line of calls into longmem_ops.h that the compiler vectorizes. The
     entry point takes the same pointer table as the generic kernel, and the scalars at run time,
     so one build serves every step.
+
+    ``forms`` (one per state buffer: ``"f32"``, ``"bf16"``, ``"s8"``, ``"u8"``; see ``LEAN_FORMS``)
+    or ``stochastic`` (bf16/fp16 parameters stochastically rounded) make a lean kernel instead
+    (:func:`lean_source`).
     """
+    if forms is not None or stochastic:
+        return lean_source(program, tuple(forms or ("f32",) * len(program.buffers)), stochastic)
     n_mem, n_slots = program.n_mem, program.n_mem + program.n_temp
     written = program.written()
     params = ", ".join(
@@ -277,14 +288,10 @@ def specialized_source(program: Program) -> str:
             lines.append(f"    lm_prefetch(P{k}, {size if k < 2 else 4}, i0 + LM_AHEAD, i1 + LM_AHEAD, hi);")
         lines.append("#endif")
         lines.append("    for (int64_t i = i0; i < i1; i++) { /* LM_BODY_LOOP */")
-        lines.append(f"        float v0 = {_LOAD[dt].format(ptr='P0')};")
-        # maximize: the gradient's sign bit flipped as it is loaded (exactly torch.neg)
-        lines.append(f"        float v1 = lm_from_bits(lm_bits({_LOAD[dt].format(ptr='P1')}) ^ gsign);")
-        lines += [f"        float v{k} = P{k}[i];" for k in range(2, n_mem)]
+        lines += _loads(program, dt)
         if program.n_temp:
             lines.append("        float " + ", ".join(f"v{k}" for k in range(n_mem, n_slots)) + ";")
-        for k, (op, d, a, b, c) in enumerate(program.code):
-            lines.append(f"        v{d} = lm_{OP_NAMES[op]}(v{a}, v{b}, v{c}, s{k});")
+        lines += _instructions(program)
         for k in written:
             if k == 0:
                 lines.append("        " + _STORE[dt].format(ptr="P0", value="v0"))
@@ -303,15 +310,7 @@ int longmem_abi_version(void) {{ return {ABI_VERSION}; }}
 
 int longmem_kernel(void *const *ptrs, const int64_t *numel, const int8_t *dtype, const double *scalar,
                    int32_t maximize, int64_t n_tensors, int64_t begin, int64_t end) {{
-    float S[{max(1, len(program.code))}];
-    for (int k = 0; k < {len(program.code)}; k++) S[k] = (float)scalar[k];
-    uint32_t gsign = maximize ? 0x80000000u : 0u;
-    int64_t start = 0;
-    for (int64_t t = 0; t < n_tensors && start < end; start += numel[t], t++) {{
-        int64_t lo = begin > start ? begin - start : 0;
-        int64_t hi = end - start < numel[t] ? end - start : numel[t];
-        if (lo >= hi) continue;
-        void *p = ptrs[t];
+{_entry_prologue(program)}        void *p = ptrs[t];
         const void *g = ptrs[n_tensors + t];
         switch (dtype[t]) {{
         case LM_F32: body_f32({args}, lo, hi, S, gsign); break;
@@ -325,13 +324,191 @@ int longmem_kernel(void *const *ptrs, const int64_t *numel, const int8_t *dtype,
 """
 
 
+def _entry_prologue(program: Program) -> str:
+    """The entry point's start: the scalars as floats, then the loop over the tensors of the range
+    ``[begin, end)`` of their concatenation, each with its own ``[lo, hi)``."""
+    return f"""    float S[{max(1, len(program.code))}];
+    for (int k = 0; k < {len(program.code)}; k++) S[k] = (float)scalar[k];
+    uint32_t gsign = maximize ? 0x80000000u : 0u;
+    int64_t start = 0;
+    for (int64_t t = 0; t < n_tensors && start < end; start += numel[t], t++) {{
+        int64_t lo = begin > start ? begin - start : 0;
+        int64_t hi = end - start < numel[t] ? end - start : numel[t];
+        if (lo >= hi) continue;
+"""
+
+
+def _loads(program: Program, dt: str, forms: Sequence[str] | None = None) -> list[str]:
+    """The body's loads of the parameter (dtype ``dt``), the gradient and each state buffer (in its
+    form: float32 unless ``forms`` says otherwise) into float registers."""
+    lines = [f"        float v0 = {_LOAD[dt].format(ptr='P0')};"]
+    # maximize: the gradient's sign bit flipped as it is loaded (exactly torch.neg)
+    lines.append(f"        float v1 = lm_from_bits(lm_bits({_LOAD[dt].format(ptr='P1')}) ^ gsign);")
+    for k in range(2, program.n_mem):
+        value = f"P{k}[i]" if forms is None else _DECODE[forms[k - 2]].format(k=k)
+        lines.append(f"        float v{k} = {value};")
+    return lines
+
+
+def _instructions(program: Program) -> list[str]:
+    return [
+        f"        v{d} = lm_{OP_NAMES[op]}(v{a}, v{b}, v{c}, s{k});"
+        for k, (op, d, a, b, c) in enumerate(program.code)
+    ]
+
+
+#: codes of the state forms of a lean kernel (as LM_FORM_* in longmem_cpu.c)
+LEAN_FORMS = {"f32": 0, "bf16": 1, "s8": 2, "u8": 3}
+#: elements per 8-bit block (``longmem._state_precision.BLOCK_SIZE``): lean kernels step whole blocks
+LEAN_BLOCK = 256
+_DECODE = {
+    "f32": "((const float *)P{k})[i]",
+    "bf16": "lm_bf16_to_f32(((const uint16_t *)P{k})[i])",
+    "s8": "lm_dec_s8(((const int8_t *)P{k})[i], a{k})",
+    "u8": "lm_dec_u8(((const uint8_t *)P{k})[i], a{k})",
+}
+_SR_STORE = {
+    "bf16": "((uint16_t *)P0)[i] = lm_f32_to_bf16_sr(v0, {h});",
+    "f16": "((uint16_t *)P0)[i] = lm_f32_to_f16_sr(v0, {h});",
+}
+
+
+def lean_source(program: Program, forms: tuple[str, ...], stochastic: bool) -> str:
+    """C source of a kernel that runs ``program`` on state stored in ``forms`` (one per buffer; see
+    ``LEAN_FORMS``), decoding, updating and encoding it in the same pass, with the counter-based
+    noise of ``longmem_ops.h`` (``lm_noise``, carried by the loops as one add per element and
+    stream); ``stochastic``: bf16/fp16 parameters are written back with stochastic rounding.
+
+    Each thread takes whole blocks of ``LEAN_BLOCK`` elements (the 8-bit blocks). Block by block,
+    the loop decodes each buffer (8-bit: with the block's old absmax), runs the rule, stores the
+    parameter and the float32/bf16 buffers, and keeps each 8-bit buffer's new values (1 KiB, in L1)
+    and their absmax (an integer max over the bits); a second loop over the block then encodes
+    them with the new absmax. Every element is read and written once per step.
+    """
+    n_mem, n_slots = program.n_mem, program.n_mem + program.n_temp
+    written = program.written()
+    eight = [k for k in range(2, n_mem) if forms[k - 2] in ("s8", "u8")]
+    n_streams = n_mem - 1  # a noise key per buffer, then the parameter's
+    params = ", ".join(
+        ["void *restrict P0", "const void *restrict P1"]
+        + [f"void *restrict P{k}" for k in range(2, n_mem)]
+        + [f"float *restrict A{k}" for k in eight]
+        + [
+            "int64_t lo",
+            "int64_t hi",
+            "const float *restrict S",
+            "uint32_t gsign",
+            "const uint32_t *restrict K",
+        ]
+    )
+    bodies = []
+    for dt in ("f32", "bf16", "f16"):
+        lines = [f"static void body_{dt}({params}) {{"]
+        lines += [f"    const float s{k} = S[{k}];" for k in range(len(program.code))]
+        lines.append("    for (int64_t i0 = lo; i0 < hi; i0 += LM_CHUNK) {")
+        lines.append("    int64_t i1 = hi - i0 < LM_CHUNK ? hi : i0 + LM_CHUNK;")
+        lines.append("    const uint32_t ihi = (uint32_t)((uint64_t)i0 >> 32); /* blocks never cross 2^32 */")
+        # the noise streams this body draws: each lean buffer it writes, then the parameter's
+        streams = [k - 2 for k in written if k >= 2 and forms[k - 2] != "f32"]
+        if stochastic and dt in _SR_STORE:
+            streams.append(n_streams - 1)
+        for j in streams:
+            lines.append(f"    const uint32_t c{j} = lm_block_key(ihi, K[{2 * j}], K[{2 * j + 1}]);")
+        first = [j for j in streams if j == n_streams - 1 or forms[j] == "bf16"]  # drawn in the first loop
+        for k in eight:
+            lines.append(f"    const float a{k} = A{k}[i0 / LM_CHUNK];")
+            if k in written:
+                lines.append(f"    float n{k}[LM_CHUNK];")
+                lines.append(f"    uint32_t m{k} = 0;")
+        lines += [f"    uint32_t w{j} = lm_noise((uint32_t)i0, c{j});" for j in first]
+        lines.append("    for (int64_t i = i0; i < i1; i++) { /* LM_BODY_LOOP */")
+        lines += _loads(program, dt, forms)
+        if program.n_temp:
+            lines.append("        float " + ", ".join(f"v{k}" for k in range(n_mem, n_slots)) + ";")
+        lines += _instructions(program)
+        for k in written:
+            form = "f32" if k == 0 else forms[k - 2]
+            if k == 0:
+                if stochastic and dt in _SR_STORE:
+                    lines.append("        " + _SR_STORE[dt].format(h=f"w{n_streams - 1}"))
+                else:
+                    lines.append("        " + _STORE[dt].format(ptr="P0", value="v0"))
+            elif form == "f32":
+                lines.append(f"        ((float *)P{k})[i] = v{k};")
+            elif form == "bf16":
+                lines.append(f"        ((uint16_t *)P{k})[i] = lm_f32_to_bf16_sr(v{k}, w{k - 2});")
+            else:
+                lines.append(f"        n{k}[i - i0] = v{k};")
+                lines.append(f"        m{k} = m{k} > lm_absbits(v{k}) ? m{k} : lm_absbits(v{k});")
+        lines += [f"        w{j} += LM_WEYL;" for j in first]
+        lines.append("    }")
+        for k in eight:
+            if k not in written:
+                continue
+            code_type, encode = ("int8_t", "lm_enc_s8") if forms[k - 2] == "s8" else ("uint8_t", "lm_enc_u8")
+            lines.append(f"    A{k}[i0 / LM_CHUNK] = lm_from_bits(m{k});")
+            lines.append(f"    const float r{k} = lm_inv_absmax(lm_from_bits(m{k}));")
+            lines.append(f"    uint32_t w{k - 2} = lm_noise((uint32_t)i0, c{k - 2});")
+            lines.append(f"    for (int64_t i = i0; i < i1; i++, w{k - 2} += LM_WEYL) /* LM_BODY_LOOP */")
+            lines.append(f"        (({code_type} *)P{k})[i] = {encode}(n{k}[i - i0], r{k}, w{k - 2});")
+        lines += ["    }", "}", ""]
+        bodies.append("\n".join(lines))
+    args = ", ".join(
+        ["p", "g"]
+        + [f"ptrs[{k} * n_tensors + t]" for k in range(2, n_mem)]
+        + [f"(float *)ptrs[{n_mem + k - 2} * n_tensors + t]" for k in eight]
+    )
+    return f"""/* generated by longmem.kernels.cpu.lean_source for state forms {", ".join(forms)}{
+        ", parameters stochastically rounded" if stochastic else ""
+    }, the program:
+{_comment(program)}
+ */
+#include "longmem_ops.h"
+#if LM_CHUNK != {LEAN_BLOCK}
+#error "lean kernels step whole 8-bit blocks: LM_CHUNK must be {LEAN_BLOCK}"
+#endif
+
+{"".join(bodies)}
+int longmem_abi_version(void) {{ return {ABI_VERSION}; }}
+
+/* ptrs: rows of n_tensors pointers: parameters, gradients, each state buffer, then each buffer's
+ * 8-bit scales (NULL for other forms); position: per tensor, its parameter's position; stream: the
+ * noise stream of each buffer, then of the parameter. */
+int longmem_lean_kernel(void *const *ptrs, const int64_t *numel, const int8_t *dtype, const double *scalar,
+                        int32_t maximize, int64_t n_tensors, int64_t begin, int64_t end,
+                        const int64_t *position, const int32_t *stream, double step) {{
+{_entry_prologue(program)}        if (lo % {LEAN_BLOCK}) return -2;
+        uint32_t K[{2 * n_streams}];
+        for (int j = 0; j < {n_streams}; j++) {{
+            uint64_t key = lm_noise_key(step, position[t], (uint32_t)stream[j]);
+            K[2 * j] = (uint32_t)key;
+            K[2 * j + 1] = (uint32_t)(key >> 32);
+        }}
+        void *p = ptrs[t];
+        const void *g = ptrs[n_tensors + t];
+        switch (dtype[t]) {{
+        case LM_F32: body_f32({args}, lo, hi, S, gsign, K); break;
+        case LM_BF16: body_bf16({args}, lo, hi, S, gsign, K); break;
+        case LM_F16: body_f16({args}, lo, hi, S, gsign, K); break;
+        default: return -1;
+        }}
+    }}
+    return 0;
+}}
+"""
+
+
 def _comment(program: Program) -> str:
     return "\n".join(" *   " + line for line in str(program).splitlines())
 
 
-def _specialized_kernel(program: Program) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """The specialized kernel for ``program``'s signature, built on first use; None if it cannot be."""
-    key = program.signature()
+def _specialized_kernel(
+    program: Program, forms: tuple[str, ...] | None = None, stochastic: bool = False
+) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """The specialized kernel for ``program``'s signature (a lean one for ``forms``/``stochastic``:
+    see :func:`specialized_source`), built on first use; None if it cannot be."""
+    lean = forms is not None or stochastic
+    key = (program.signature(), forms, stochastic) if lean else program.signature()
     if key in _specialized:
         return _specialized[key]
     with _lock:
@@ -339,11 +516,14 @@ def _specialized_kernel(program: Program) -> ctypes._CFuncPtr | None:  # type: i
             fn = None
             try:
                 assert _builder is not None
-                lib = ctypes.CDLL(str(_builder.build("longmem_prog", specialized_source(program))))
+                source = specialized_source(program, forms, stochastic)
+                lib = ctypes.CDLL(str(_builder.build("longmem_lean" if lean else "longmem_prog", source)))
                 if lib.longmem_abi_version() == ABI_VERSION:
-                    fn = lib.longmem_kernel
+                    fn = lib.longmem_lean_kernel if lean else lib.longmem_kernel
                     fn.restype = ctypes.c_int
                     fn.argtypes = [_p, _p, _p, _p, _i32, _i64, _i64, _i64]
+                    if lean:
+                        fn.argtypes += [_p, _p, ctypes.c_double]
             except (BuildError, OSError):
                 fn = None  # the generic kernel computes the same numbers
             _specialized[key] = fn
@@ -374,9 +554,9 @@ def advance_steps(lib: Library, steps: Sequence[Tensor]) -> list[float]:
     return list(out)
 
 
-def _split(numels: Sequence[int], parts: int) -> list[int]:
+def _split(numels: Sequence[int], parts: int, align: int = SPLIT_ALIGN) -> list[int]:
     """Flat element indices that cut the concatenation into ``parts`` nearly equal runs, each cut
-    falling on a multiple of SPLIT_ALIGN within its tensor."""
+    falling on a multiple of ``align`` within its tensor."""
     total = sum(numels)
     cuts = [0]
     start, t = 0, 0
@@ -385,7 +565,7 @@ def _split(numels: Sequence[int], parts: int) -> list[int]:
         while t < len(numels) and start + numels[t] <= target:
             start += numels[t]
             t += 1
-        cut = start + (target - start) // SPLIT_ALIGN * SPLIT_ALIGN
+        cut = start + (target - start) // align * align
         cuts.append(max(cut, cuts[-1]))
     cuts.append(total)
     return cuts
@@ -544,21 +724,27 @@ def run(program: Program, batch: Batch, maximize: bool) -> None:
         if kernel(*fixed, begin, end) != 0:
             raise RuntimeError(f"longmem's CPU kernel rejected the program:\n{program}")
 
-    total = sum(batch.numel)
-    threads = max(1, min(torch.get_num_threads(), total // PARALLEL_MIN_ELEMENTS))
-    if threads == 1:
-        work(0, total)
-    else:
-        cuts = _split(batch.numel, threads)
-        futures = [_executor(threads - 1).submit(work, cuts[k], cuts[k + 1]) for k in range(1, threads)]
-        try:
-            work(cuts[0], cuts[1])
-        finally:
-            for f in futures:
-                f.result()
+    _in_threads(work, batch.numel)
     # The kernel wrote the parameters through raw pointers: tell autograd, as an in-place torch
     # operation would (state buffers take no part in autograd graphs).
     bump_versions(batch.params)
+
+
+def _in_threads(work: Callable[[int, int], None], numels: Sequence[int], align: int = SPLIT_ALIGN) -> None:
+    """``work(begin, end)`` over the concatenation of tensors of ``numels`` elements, split over
+    ``torch.get_num_threads()`` threads (cuts on multiples of ``align`` within a tensor)."""
+    total = sum(numels)
+    threads = max(1, min(torch.get_num_threads(), total // PARALLEL_MIN_ELEMENTS))
+    if threads == 1:
+        work(0, total)
+        return
+    cuts = _split(numels, threads, align)
+    futures = [_executor(threads - 1).submit(work, cuts[k], cuts[k + 1]) for k in range(1, threads)]
+    try:
+        work(cuts[0], cuts[1])
+    finally:
+        for f in futures:
+            f.result()
 
 
 def bump_versions(tensors: Sequence[Tensor]) -> None:
@@ -568,3 +754,131 @@ def bump_versions(tensors: Sequence[Tensor]) -> None:
     except TypeError:  # torch < 2.5 takes one tensor at a time
         for x in tensors:
             torch.autograd.graph.increment_version(x)
+
+
+# ---- lean state and stochastic parameter rounding ------------------------------------------------
+
+_LEAN_PARAM_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _lean_form(buf: object, numel: int) -> str | None:
+    """The kernel form of one state buffer as handed to the fused step (a float32 tensor or a
+    ``LeanBuffer``), or None if the lean kernels cannot take it."""
+    if isinstance(buf, LeanBuffer):
+        codes, scales = buf.codes, buf.scales
+        if not (codes.is_cpu and codes.is_contiguous() and codes.numel() == numel):
+            return None
+        if scales is not None and not (scales.is_cpu and scales.is_contiguous()):
+            return None
+        return buf.form
+    if isinstance(buf, Tensor) and buf.dtype == torch.float32 and buf.is_cpu and buf.is_contiguous():
+        return "f32" if buf.numel() == numel else None
+    return None
+
+
+def takes(p: Tensor, g: Tensor, stored: Sequence[Tensor]) -> bool:
+    """Whether the lean kernels can step ``p`` (gradient ``g``) with its state buffers ``stored``
+    (as kept in the optimizer's state: float32, bfloat16 or 8-bit codes)."""
+    return (
+        p.dtype in _LEAN_PARAM_CODES
+        and g.dtype in _LEAN_PARAM_CODES
+        and p.is_cpu
+        and g.is_cpu
+        and p.is_contiguous()
+        and g.is_contiguous()
+        and g.numel() == p.numel()
+        and all(b.is_cpu and b.is_contiguous() and b.numel() == p.numel() for b in stored)
+    )
+
+
+def run_lean_step(
+    trace: Callable[[float], Program],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Sequence[Sequence[Tensor | LeanBuffer]],
+    steps: Sequence[float],
+    indices: Sequence[int],
+    maximize: bool,
+    param_streams: Sequence[int] | None,
+) -> list[int]:
+    """:func:`run_step` for state in lean forms (``LeanBuffer`` entries of ``state``) and for
+    stochastically rounded parameters (``param_streams``: each parameter's noise stream, its
+    position): one call of a lean kernel per distinct (step, forms); returns what it cannot take."""
+    rejected: list[int] = []
+    calls: dict[tuple[float, tuple[str | None, ...]], list[int]] = {}
+    for i in indices:
+        p, g = params[i], grads[i]
+        forms = tuple(_lean_form(row[i], p.numel()) for row in state)
+        if None in forms or not takes(p, g, ()):
+            rejected.append(i)
+        else:
+            calls.setdefault((steps[i], forms), []).append(i)
+    for (t, forms), members in calls.items():
+        streams = None if param_streams is None else [param_streams[i] for i in members]
+        rows = [[row[i] for i in members] for row in state]
+        run_lean(trace(t), t, [params[i] for i in members], [grads[i] for i in members], rows,
+                 forms, streams, maximize)  # type: ignore[arg-type]  # fmt: skip
+    return rejected
+
+
+def run_lean(
+    program: Program,
+    step: float,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Sequence[Sequence[Tensor | LeanBuffer]],
+    forms: tuple[str, ...],
+    param_streams: Sequence[int] | None,
+    maximize: bool,
+) -> None:
+    """Execute ``program`` at ``step`` on parameters whose state buffers are in ``forms`` (a
+    ``LeanBuffer`` for each lean form, a float32 tensor for ``"f32"``); each parameter's noise is
+    keyed by its position (``param_streams``, else its lean buffers')."""
+    lib = load()
+    n = len(params)
+    stochastic = param_streams is not None
+    rows: list[list[int]] = [[x.data_ptr() for x in params], [x.data_ptr() for x in grads]]
+    scale_rows: list[list[int]] = []
+    streams: list[int] = []
+    position = list(param_streams) if stochastic else [0] * n
+    for k, row in enumerate(state):
+        lean = [b for b in row if isinstance(b, LeanBuffer)]
+        rows.append([(b.codes if isinstance(b, LeanBuffer) else b).data_ptr() for b in row])
+        scale_rows.append([b.scales.data_ptr() if isinstance(b, LeanBuffer) and b.scales is not None else 0
+                           for b in row])  # fmt: skip
+        streams.append(lean[0].stream if lean else k)
+        if lean and not stochastic:
+            position = [
+                b.position if isinstance(b, LeanBuffer) else q for b, q in zip(row, position, strict=True)
+            ]
+    streams.append(PARAM_STREAM)
+    ptrs = array.array("q")
+    for row in rows + scale_rows:
+        ptrs.extend(row)
+    numel = array.array("q", [p.numel() for p in params])
+    p_dtype = array.array("b", [_LEAN_PARAM_CODES[p.dtype] for p in params])
+    g_dtype = array.array("b", [_LEAN_PARAM_CODES[g.dtype] for g in grads])
+    scalars = array.array("d", program.scalars)
+    positions = array.array("q", position)
+    stream_ids = array.array("i", streams)
+    tail = (positions.buffer_info()[0], stream_ids.buffer_info()[0], float(step))
+    kernel = _specialized_kernel(program, forms, stochastic) if SPECIALIZE and p_dtype == g_dtype else None
+    if kernel is not None:
+        fixed: tuple = (ptrs.buffer_info()[0], numel.buffer_info()[0], p_dtype.buffer_info()[0],
+                        scalars.buffer_info()[0], int(maximize), n)  # fmt: skip
+        after = tail
+    else:
+        kernel = lib.lib.longmem_run_lean
+        code = array.array("i", [x for row in program.code for x in row])
+        form_codes = array.array("b", [LEAN_FORMS[f] for f in forms])
+        fixed = (code.buffer_info()[0], scalars.buffer_info()[0], len(program.code), program.n_mem,
+                 program.n_temp, ptrs.buffer_info()[0], numel.buffer_info()[0], p_dtype.buffer_info()[0],
+                 g_dtype.buffer_info()[0], int(maximize), n)  # fmt: skip
+        after = (form_codes.buffer_info()[0], *tail, int(stochastic))
+
+    def work(begin: int, end: int) -> None:
+        if kernel(*fixed, begin, end, *after) != 0:
+            raise RuntimeError(f"longmem's lean CPU kernel rejected the program ({forms}):\n{program}")
+
+    _in_threads(work, list(numel), LEAN_BLOCK)
+    bump_versions(params)

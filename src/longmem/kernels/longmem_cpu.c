@@ -49,6 +49,24 @@ static void load_f32(float *restrict dst, const void *src, int dtype, int64_t of
         for (i = 0; i < n; i++) dst[i] = -dst[i]; /* LM_BODY_LOOP */
 }
 
+/* Slots 0 and 1 of a block: the parameter and the gradient in place where they are float32 (and the
+ * gradient not negated), else converted into the scratch rows p_row, g_row. */
+static inline void point_at_p_and_g(float **slot, float *p_row, float *g_row, void *p, const void *g, int pdt,
+                                    int gdt, int64_t off, int64_t n, int maximize) {
+    if (pdt == LM_F32) {
+        slot[0] = (float *)p + off;
+    } else {
+        load_f32(p_row, p, pdt, off, n, 0);
+        slot[0] = p_row;
+    }
+    if (gdt == LM_F32 && !maximize) {
+        slot[1] = (float *)g + off; /* never written: program.py rejects rules that do */
+    } else {
+        load_f32(g_row, g, gdt, off, n, maximize);
+        slot[1] = g_row;
+    }
+}
+
 /* Prefetch the bytes [off, off + len) of one stream into the cache, a line at a time. */
 static inline void prefetch_range(const void *base, int64_t off_bytes, int64_t len_bytes) {
     const char *b = (const char *)base + off_bytes;
@@ -126,24 +144,148 @@ int longmem_run(const int32_t *code, const double *scalar, int32_t n_instr, int3
                 prefetch_range(g, ahead * gsz, m * gsz);
                 for (int32_t k = 2; k < n_mem; k++) prefetch_range(ptrs[(int64_t)k * n_tensors + t], ahead * 4, m * 4);
             }
-            if (pdt == LM_F32) {
-                slot[0] = (float *)p + off;
-            } else {
-                load_f32(scratch[0], p, pdt, off, n, 0);
-                slot[0] = scratch[0];
-            }
-            if (gdt == LM_F32 && !maximize) {
-                slot[1] = (float *)g + off; /* never written: program.py rejects rules that do */
-            } else {
-                load_f32(scratch[1], g, gdt, off, n, maximize);
-                slot[1] = scratch[1];
-            }
+            point_at_p_and_g(slot, scratch[0], scratch[1], p, g, pdt, gdt, off, n, maximize);
             for (int32_t k = 2; k < n_mem; k++) slot[k] = (float *)ptrs[(int64_t)k * n_tensors + t] + off;
             for (int32_t k = 0; k < n_instr; k++) {
                 const int32_t *ins = code + 5 * k;
                 run_instr(ins[0], slot[ins[1]], slot[ins[2]], slot[ins[3]], slot[ins[4]], scal[k], n);
             }
             if (pdt != LM_F32) store_f32(p, pdt, off, scratch[0], n);
+        }
+    }
+    return 0;
+}
+
+/* ---- lean state (state_precision "bf16"/"8bit") and stochastically rounded parameters -------------
+ *
+ * longmem_run_lean runs a program as longmem_run does, block by block, on state buffers stored in a
+ * lean form (form[k]: LM_FORM_*, per buffer slot), and writes bf16/fp16 parameters back with
+ * stochastic rounding when `stochastic` is set. Blocks are the 8-bit blocks (LEAN_BLOCK elements):
+ * each buffer is decoded into a scratch row (8-bit: with the block's absmax), the program runs, and
+ * each buffer it wrote is encoded back (8-bit: with the absmax of the block's new values), all in
+ * L1. The noise is that of the generated lean kernels (cpu.py: lean_source), bit for bit.
+ *
+ * ptrs: as longmem_run, then one row per buffer slot of its 8-bit scales (NULL for other forms).
+ * position: per tensor; stream: per buffer slot, then the parameter's; step: the step the rule runs at.
+ * Returns 0, -1 for a program or form this kernel cannot run, -2 for a range not starting on a block. */
+
+#define LEAN_BLOCK 256
+enum { LM_FORM_F32 = 0, LM_FORM_BF16 = 1, LM_FORM_S8 = 2, LM_FORM_U8 = 3 };
+
+static void decode_block(float *restrict dst, const void *src, int form, float absmax, int64_t off, int64_t n) {
+    int64_t i;
+    if (form == LM_FORM_BF16) {
+        load_f32(dst, src, LM_BF16, off, n, 0);
+    } else if (form == LM_FORM_S8) {
+        const int8_t *s = (const int8_t *)src + off;
+        for (i = 0; i < n; i++) dst[i] = lm_dec_s8(s[i], absmax); /* LM_BODY_LOOP */
+    } else {
+        const uint8_t *s = (const uint8_t *)src + off;
+        for (i = 0; i < n; i++) dst[i] = lm_dec_u8(s[i], absmax); /* LM_BODY_LOOP */
+    }
+}
+
+/* Encode a block; returns its new absmax (8-bit forms). */
+static float encode_block(void *dst, int form, const float *restrict src, int64_t off, int64_t n,
+                          const uint32_t *key) {
+    int64_t i;
+    /* the noise of element off + i, carried by the loops: one add per element */
+    uint32_t w = lm_noise((uint32_t)off, lm_block_key((uint32_t)((uint64_t)off >> 32), key[0], key[1]));
+    if (form == LM_FORM_BF16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_f32_to_bf16_sr(src[i], w); /* LM_BODY_LOOP */
+        return 0.0f;
+    }
+    uint32_t m = 0;
+    for (i = 0; i < n; i++) m = m > lm_absbits(src[i]) ? m : lm_absbits(src[i]); /* LM_BODY_LOOP */
+    const float absmax = lm_from_bits(m), inv = lm_inv_absmax(absmax);
+    if (form == LM_FORM_S8) {
+        int8_t *d = (int8_t *)dst + off;
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_enc_s8(src[i], inv, w); /* LM_BODY_LOOP */
+    } else {
+        uint8_t *d = (uint8_t *)dst + off;
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_enc_u8(src[i], inv, w); /* LM_BODY_LOOP */
+    }
+    return absmax;
+}
+
+static void store_rounded(void *dst, int dtype, int64_t off, const float *restrict src, int64_t n,
+                          const uint32_t *key) {
+    int64_t i;
+    uint32_t w = lm_noise((uint32_t)off, lm_block_key((uint32_t)((uint64_t)off >> 32), key[0], key[1]));
+    uint16_t *d = (uint16_t *)dst + off;
+    if (dtype == LM_BF16) {
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_f32_to_bf16_sr(src[i], w); /* LM_BODY_LOOP */
+    } else if (dtype == LM_F16) {
+        for (i = 0; i < n; i++, w += LM_WEYL) d[i] = lm_f32_to_f16_sr(src[i], w); /* LM_BODY_LOOP */
+    }
+}
+
+int longmem_run_lean(const int32_t *code, const double *scalar, int32_t n_instr, int32_t n_mem, int32_t n_temp,
+                     void *const *ptrs, const int64_t *numel, const int8_t *p_dtype, const int8_t *g_dtype,
+                     int32_t maximize, int64_t n_tensors, int64_t begin, int64_t end, const int8_t *form,
+                     const int64_t *position, const int32_t *stream, double step, int32_t stochastic) {
+    if (n_mem < 2 || n_mem + n_temp > MAX_SLOTS || n_instr < 0 || n_instr > 256) return -1;
+    int written[MAX_SLOTS] = {0};
+    for (int32_t k = 0; k < n_instr; k++) {
+        for (int j = 1; j < 5; j++)
+            if (code[5 * k + j] < 0 || code[5 * k + j] >= n_mem + n_temp) return -1;
+        written[code[5 * k + 1]] = 1;
+    }
+    for (int32_t k = 2; k < n_mem; k++)
+        if (form[k - 2] < LM_FORM_F32 || form[k - 2] > LM_FORM_U8) return -1;
+    float scal[256];
+    for (int32_t k = 0; k < n_instr; k++) scal[k] = (float)scalar[k];
+
+    /* rows: 0 p, 1 g, then temporaries, then decoded buffers (n_mem + n_temp <= MAX_SLOTS rows) */
+    float scratch[MAX_SLOTS][LEAN_BLOCK] __attribute__((aligned(64)));
+    float *slot[MAX_SLOTS];
+    for (int32_t k = 0; k < n_temp; k++) slot[n_mem + k] = scratch[2 + k];
+    const int32_t n_streams = n_mem - 1;
+
+    int64_t start = 0;
+    for (int64_t t = 0; t < n_tensors && start < end; start += numel[t], t++) {
+        int64_t lo = begin > start ? begin - start : 0;
+        int64_t hi = end - start < numel[t] ? end - start : numel[t];
+        if (lo >= hi) continue;
+        if (lo % LEAN_BLOCK) return -2;
+        uint32_t key[2 * MAX_SLOTS];
+        for (int32_t j = 0; j < n_streams; j++) {
+            uint64_t k64 = lm_noise_key(step, position[t], (uint32_t)stream[j]);
+            key[2 * j] = (uint32_t)k64;
+            key[2 * j + 1] = (uint32_t)(k64 >> 32);
+        }
+        void *p = ptrs[t];
+        const void *g = ptrs[n_tensors + t];
+        int pdt = p_dtype[t], gdt = g_dtype[t];
+        for (int64_t off = lo; off < hi; off += LEAN_BLOCK) {
+            int64_t n = hi - off < LEAN_BLOCK ? hi - off : LEAN_BLOCK;
+            point_at_p_and_g(slot, scratch[0], scratch[1], p, g, pdt, gdt, off, n, maximize);
+            for (int32_t k = 2; k < n_mem; k++) {
+                void *buf = ptrs[(int64_t)k * n_tensors + t];
+                float *scale = (float *)ptrs[(int64_t)(n_mem + k - 2) * n_tensors + t];
+                if (form[k - 2] == LM_FORM_F32) {
+                    slot[k] = (float *)buf + off;
+                } else {
+                    slot[k] = scratch[n_temp + k];
+                    decode_block(slot[k], buf, form[k - 2], scale ? scale[off / LEAN_BLOCK] : 0.0f, off, n);
+                }
+            }
+            for (int32_t k = 0; k < n_instr; k++) {
+                const int32_t *ins = code + 5 * k;
+                run_instr(ins[0], slot[ins[1]], slot[ins[2]], slot[ins[3]], slot[ins[4]], scal[k], n);
+            }
+            for (int32_t k = 2; k < n_mem; k++) {
+                if (form[k - 2] == LM_FORM_F32 || !written[k]) continue;
+                float absmax = encode_block(ptrs[(int64_t)k * n_tensors + t], form[k - 2], slot[k], off, n,
+                                            key + 2 * (k - 2));
+                if (form[k - 2] != LM_FORM_BF16)
+                    ((float *)ptrs[(int64_t)(n_mem + k - 2) * n_tensors + t])[off / LEAN_BLOCK] = absmax;
+            }
+            if (pdt != LM_F32) {
+                if (stochastic) store_rounded(p, pdt, off, scratch[0], n, key + 2 * (n_streams - 1));
+                else store_f32(p, pdt, off, scratch[0], n);
+            }
         }
     }
     return 0;

@@ -116,6 +116,137 @@ static inline float lm_exp(float x) {
     return lm_pick(x != x, x, y);
 }
 
+/* ---- counter-based rounding noise (longmem/_rounding.py states the same function in torch) ------ */
+/* A 64-bit key per (step, parameter position, stream) from splitmix64 chains; per element, a Weyl
+ * sequence over the index offset by the key (lm_noise). */
+
+#define LM_NOISE_SEED 0x6C6F6E676D656DULL /* "longmem" */
+#define LM_MIX_C1 0x21F0AAADu
+#define LM_MIX_C2 0x735A2D97u
+
+static inline uint64_t lm_splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+/* the 64-bit key of (step, parameter position, stream): one per tensor and call, not per element */
+static inline uint64_t lm_noise_key(double step, int64_t position, uint32_t stream) {
+    uint64_t z = lm_splitmix64(LM_NOISE_SEED ^ (uint64_t)step);
+    return lm_splitmix64(lm_splitmix64(z ^ (uint64_t)position) ^ stream);
+}
+static inline uint32_t lm_mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= LM_MIX_C1;
+    x ^= x >> 15;
+    x *= LM_MIX_C2;
+    return x ^ (x >> 15);
+}
+/* The key (k0, k1) folded with the high half of the element indices: constant over each aligned run
+ * of 2^32 elements, so a kernel computes it once per block. */
+static inline uint32_t lm_block_key(uint32_t index_hi, uint32_t k0, uint32_t k1) {
+    return k0 ^ lm_mix32(index_hi ^ k1);
+}
+/* The noise of an element: a Weyl sequence over its index (low half), offset by the block key:
+ * index * LM_WEYL + key (mod 2^32). The keys of two steps, buffers or parameters are independent
+ * (splitmix64), so each element's noise is uniform and independent from step to step and from
+ * buffer to buffer; within one step neighbours' noise is spread evenly (the golden-ratio lattice).
+ * One multiply-add, or one add where a loop carries it (the generated kernels do). */
+#define LM_WEYL 0x61C88647u /* 2^32 (2 - golden ratio), odd */
+static inline uint32_t lm_noise(uint32_t index_lo, uint32_t block_key) { return index_lo * LM_WEYL + block_key; }
+
+/* |x| as bits: for non-negative floats the integer order is the float order (NaN above inf), so a
+ * block's absmax is an integer max, which vectorizes without -ffast-math */
+static inline uint32_t lm_absbits(float x) { return lm_bits(x) & 0x7fffffffu; }
+
+/* ---- stochastic rounding: unbiased, off by less than one unit of the target's grid ------------- */
+
+/* f32 -> bf16: 16 noise bits added below the bits bf16 keeps, then dropped (mod 2^32). Infinities
+ * stay infinite, the usual NaNs (quiet, a payload in the top bits) stay NaN; no special case, which
+ * in a bf16 step's loop would cost more than the rounding. */
+static inline uint16_t lm_f32_to_bf16_sr(float f, uint32_t h) { return (uint16_t)((lm_bits(f) + (h >> 16)) >> 16); }
+/* f32 -> f16. Normal results: 13 noise bits below the 10 mantissa bits kept, truncated (a carry past
+ * 65504 gives inf). Subnormal results, multiples of 2^-24: |f| * 2^24 (exact) rounded up with the
+ * probability of its fraction, to 2^-24. NaN -> 0x7e00 with f's sign, as lm_f32_to_f16. */
+static inline uint16_t lm_f32_to_f16_sr(float f, uint32_t h) {
+    uint32_t u = lm_bits(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    uint32_t truncated = (a + (h >> 19)) & ~0x1fffu;
+    uint32_t normal = lm_select(truncated >= (143u << 23), 0x7c00u, (truncated - (112u << 23)) >> 13);
+    int sub_range = a < (113u << 23);
+    float scaled = lm_pick(sub_range, __builtin_fabsf(f) * 0x1p24f, 0.0f);
+    int32_t whole = (int32_t)scaled;
+    int32_t threshold = (int32_t)((scaled - (float)whole) * 0x1p24f);
+    uint32_t sub = (uint32_t)whole + (uint32_t)((int32_t)(h >> 8) < threshold);
+    uint32_t mag = lm_select(sub_range, sub, normal);
+    return (uint16_t)(lm_select(a > 0x7f800000u, 0x7e00u, mag) | sign);
+}
+
+/* ---- 8-bit state codes (longmem/_state_precision.py: quantize, dequantize) ------------------------
+ * A code c of a block with scale absmax means absmax * g(c): g(c) = (c / 127)^3 for signed (int8)
+ * codes, (c / 255)^4 for unsigned (uint8) ones, evaluated exactly as below (c times the float32
+ * reciprocal, then products in this order) by every path. Encoding finds the grid cell
+ * g(k) <= y < g(k + 1) holding y = |x| / absmax by comparison with g itself (a cheap root proposes
+ * k or one below; the torch path proposes with pow, so the proposals may differ, the cell does
+ * not), and rounds up when 24 noise bits, as a fraction of the cell, fall below y - g(k): with
+ * probability (y - g(k)) / (g(k + 1) - g(k)), to 2^-24. */
+
+#define LM_INV127 0x1.020408p-7f /* float32(1 / 127) */
+#define LM_INV255 0x1.010102p-8f /* float32(1 / 255) */
+
+static inline float lm_grid_s8(int32_t k) { float t = (float)k * LM_INV127; return (t * t) * t; }
+static inline float lm_grid_u8(int32_t k) { float t = (float)k * LM_INV255; float s = t * t; return s * s; }
+static inline float lm_dec_s8(int8_t c, float absmax) { return lm_grid_s8(c) * absmax; }
+static inline float lm_dec_u8(uint8_t c, float absmax) { return lm_grid_u8(c) * absmax; }
+static inline float lm_inv_absmax(float absmax) { return lm_pick(absmax > 0.0f, 1.0f / absmax, 0.0f); }
+static inline int32_t lm_clampi(int32_t k, int32_t lo, int32_t hi) { k = k < lo ? lo : k; return k > hi ? hi : k; }
+/* y = |x| / absmax, at most 1 (an unsigned min on the bits: NaN, of either sign, also becomes 1) */
+static inline float lm_unit(float x, float inv_absmax) {
+    uint32_t b = lm_bits(__builtin_fabsf(x) * inv_absmax);
+    return lm_from_bits(b < 0x3f800000u ? b : 0x3f800000u);
+}
+/* The proposed cell of y in [0, 1]: k or k - 1 (checked over every float in [0, 1]; see the tests).
+ * Signed: y^(1/3) = y * r^2 with r ~ y^(-1/3) from the exponent bits and two Newton steps. */
+static inline int32_t lm_cell_s8(float y) {
+    float r = lm_from_bits(0x548c2b4bu - (uint32_t)(int32_t)((float)(int32_t)lm_bits(y) * (1.0f / 3.0f)));
+    r = r * LM_FMA(y * ((r * r) * r), -1.0f / 3.0f, 4.0f / 3.0f);
+    r = r * LM_FMA(y * ((r * r) * r), -1.0f / 3.0f, 4.0f / 3.0f);
+    return lm_clampi((int32_t)LM_FMA(y * (r * r), 127.0f, -0.5f), 0, 126);
+}
+/* unsigned: y^(1/4) = y * r^3 with r ~ y^(-1/4), the same way */
+static inline int32_t lm_cell_u8(float y) {
+    float r = lm_from_bits(0x4f5a0000u - (lm_bits(y) >> 2));
+    r = r * LM_FMA(y * ((r * r) * (r * r)), -0.25f, 1.25f);
+    r = r * LM_FMA(y * ((r * r) * (r * r)), -0.25f, 1.25f);
+    return lm_clampi((int32_t)LM_FMA(y * ((r * r) * r), 255.0f, -0.5f), 0, 254);
+}
+/* 1 with probability (y - lo) / (hi - lo), to 2^-24 */
+static inline int32_t lm_round_up(float y, float lo, float hi, uint32_t h) {
+    return ((float)(int32_t)(h >> 8) * 0x1p-24f) * (hi - lo) < y - lo;
+}
+/* The code of y: the proposal k0 moved up where g(k0 + 1) <= y (at most to L - 1), then rounded
+ * up stochastically in the cell; the cell's other end is g(k0) or g(k0 + 2), one evaluation. */
+#define LM_ENCODE(y, k0, grid, top, h)                                          \
+    float g1 = grid(k0 + 1);                                                    \
+    int32_t up = (y >= g1) & (k0 < top);                                        \
+    float other = grid(k0 + 2 * up);                                            \
+    int32_t k = k0 + up + lm_round_up(y, lm_pick(up, g1, other), lm_pick(up, other, g1), h)
+static inline int8_t lm_enc_s8(float x, float inv_absmax, uint32_t h) {
+    float y = lm_unit(x, inv_absmax);
+    int32_t k0 = lm_cell_s8(y);
+    LM_ENCODE(y, k0, lm_grid_s8, 126, h);
+    int32_t s = (int32_t)lm_bits(x) >> 31; /* 0, or -1 for a negative x */
+    return (int8_t)((k ^ s) - s);
+}
+static inline uint8_t lm_enc_u8(float x, float inv_absmax, uint32_t h) {
+    float y = lm_unit(x, inv_absmax);
+    int32_t k0 = lm_cell_u8(y);
+    LM_ENCODE(y, k0, lm_grid_u8, 254, h);
+    /* a positive second moment is never rounded to zero (no division by eps alone) */
+    return (uint8_t)lm_select((k == 0) & (y > 0.0f), 1u, (uint32_t)k);
+}
+
 /* ---- the operations (codes as in program.py): d = op(a, b, c, s) ------------------------------ */
 
 static inline float lm_mul_s(float a, float b, float c, float s) { (void)b; (void)c; return a * s; }

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import cpu, program
 from .cpu import BASE_FLAGS, KERNEL_DIR
 
@@ -118,25 +120,55 @@ def _check(source: str, target: str, cc: str, flags: Sequence[str]) -> Report:
     return Report(target, loops, messages)
 
 
+@dataclass
+class Kernel:
+    """What a fused step asked a kernel for: the traced program and, for lean kernels, the state
+    forms and whether parameters are stochastically rounded (``cpu.specialized_source``'s arguments)."""
+
+    program: program.Program
+    forms: tuple[str, ...] | None = None
+    stochastic: bool = False
+
+    def source(self) -> str:
+        """The C source of the generated kernel."""
+        return cpu.specialized_source(self.program, self.forms, self.stochastic)
+
+
 @contextlib.contextmanager
-def recorded_programs() -> Iterator[list[program.Program]]:
-    """Inside the block, fused steps record the programs they trace in the yielded list, and
+def recorded_kernels() -> Iterator[list[Kernel]]:
+    """Inside the block, fused steps record the kernels they would run in the yielded list, and
     leave the step itself to the foreach path (which computes the same numbers)."""
     from .. import kernels
+    from .._state_precision import LeanBuffer, LeanBuffers
 
     original = kernels.run_fused
-    programs: list[program.Program] = []
+    recorded: list[Kernel] = []
 
-    def record(rule, params, grads, buffers, steps, *, maximize):  # type: ignore[no-untyped-def]
-        trace, _ = kernels.prepare(rule, buffers)
-        programs.extend(trace(t) for t in dict.fromkeys(steps))
+    def record(rule, params, grads, buffers, steps, *, maximize, param_streams=None):  # type: ignore[no-untyped-def]
+        trace, rows = kernels.prepare(rule, buffers)
+        lean = any(isinstance(row, LeanBuffers) for row in rows)
+        wanted: dict[tuple, None] = {}
+        for i, t in enumerate(steps):
+            stochastic = param_streams is not None and params[i].dtype in (torch.bfloat16, torch.float16)
+            forms = tuple(row[i].form if isinstance(row[i], LeanBuffer) else "f32" for row in rows)
+            wanted[(t, forms if lean or stochastic else None, stochastic)] = None
+        recorded.extend(Kernel(trace(t), f, st) for t, f, st in wanted)
         return list(range(len(params)))
 
     kernels.run_fused = record  # type: ignore[assignment]
     try:
-        yield programs
+        yield recorded
     finally:
         kernels.run_fused = original
+
+
+@contextlib.contextmanager
+def recorded_programs() -> Iterator[list[program.Program]]:
+    """As :func:`recorded_kernels`, the programs alone."""
+    programs: list[program.Program] = []
+    with recorded_kernels() as recorded:
+        yield programs
+    programs.extend(k.program for k in recorded if k.forms is None)
 
 
 def generic_source() -> str:
