@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -443,7 +445,24 @@ def test_thread_split_covers_everything():
         assert cuts == sorted(cuts)
 
 
-def test_three_threads_match_one(monkeypatch):
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-threads"])
+@pytest.mark.parametrize("specialize", [True, False], ids=["generated", "generic"])
+def test_three_threads_match_one(monkeypatch, openmp, specialize):
+    """A step split over three threads, on torch's OpenMP team (one ``longmem_parallel`` call) or
+    on Python threads, gives one thread's bits, with the generated and the generic kernel."""
+    lib = cpu.load()
+    if openmp and not lib.openmp:
+        pytest.skip("the kernel library is not an OpenMP build here")
+    monkeypatch.setattr(lib, "openmp", openmp)
+    monkeypatch.setattr(cpu, "SPECIALIZE", specialize)
+    parallel_calls = []
+    native = lib.lib.longmem_parallel
+
+    def counted(*args):
+        parallel_calls.append(args[0])
+        return native(*args)
+
+    monkeypatch.setattr(lib.lib, "longmem_parallel", counted)
     threads = torch.get_num_threads()
     outs = []
     try:
@@ -460,6 +479,21 @@ def test_three_threads_match_one(monkeypatch):
         torch.set_num_threads(threads)
     for p, q in zip(*outs, strict=True):
         assert torch.equal(p, q)
+    kind = cpu.KIND_PROGRAM if specialize else cpu.KIND_RUN
+    assert parallel_calls == ([kind] * 3 if openmp else []), parallel_calls
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP builds are checked on Linux")
+def test_kernels_share_torchs_openmp_runtime():
+    """On Linux the generic library is built with -fopenmp and this process has one OpenMP runtime
+    (torch's libgomp), so a step's threads are the team torch's own operations keep warm."""
+    lib = cpu.load()
+    if "clang" in Path(cpu._builder.compiler).name:  # clang's -fopenmp is libomp, a second runtime
+        pytest.skip("clang")
+    assert lib.openmp
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len({os.path.realpath(p) for p in gomp}) == 1, gomp
 
 
 # ---- fallback ---------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 SPLIT_ALIGN = 64
 #: use kernels specialized to each program (False: the generic kernel only; for tests)
 SPECIALIZE = os.environ.get("LONGMEM_SPECIALIZE", "1") != "0"
+#: run a step's threads on torch's OpenMP team (LONGMEM_OPENMP=0: Python threads, the first design)
+OPENMP = os.environ.get("LONGMEM_OPENMP", "1") != "0"
+#: longmem_parallel's kinds of entry point (LM_KIND_* in longmem_cpu.c)
+KIND_PROGRAM, KIND_LEAN_PROGRAM, KIND_RUN, KIND_RUN_LEAN = 0, 1, 2, 3
 
 #: dtype -> (code in longmem_ops.h, float32 values per element)
 DTYPE_CODES = {
@@ -135,13 +139,14 @@ class Builder:
         self._salt = h.digest()
         self.arch: tuple[str, ...] | None = None  # the ARCH_FLAGS entry that worked
 
-    def path_for(self, stem: str, source: str) -> Path:
-        key = hashlib.sha256(self._salt + source.encode()).hexdigest()[:20]
+    def path_for(self, stem: str, source: str, extra: tuple[str, ...] = ()) -> Path:
+        key = hashlib.sha256(self._salt + repr(extra).encode() + source.encode()).hexdigest()[:20]
         return cache_dir() / f"{stem}-{key}.so"
 
-    def build(self, stem: str, source: str) -> Path:
-        """The library compiled from ``source``: from the cache, or compiled now."""
-        target = self.path_for(stem, source)
+    def build(self, stem: str, source: str, extra: tuple[str, ...] = ()) -> Path:
+        """The library compiled from ``source`` (with the ``extra`` flags): from the cache, or
+        compiled now."""
+        target = self.path_for(stem, source, extra)
         if target.exists():
             if self.arch is None:  # which -march this cache was built with, for reports
                 with contextlib.suppress(OSError):
@@ -154,7 +159,17 @@ class Builder:
                 src = Path(tmp) / f"{stem}.c"
                 src.write_text(source)
                 out = Path(tmp) / f"{stem}.so"
-                cmd = [self.compiler, *BASE_FLAGS, *arch, f"-I{KERNEL_DIR}", str(src), "-o", str(out), "-lm"]
+                cmd = [
+                    self.compiler,
+                    *BASE_FLAGS,
+                    *arch,
+                    *extra,
+                    f"-I{KERNEL_DIR}",
+                    str(src),
+                    "-o",
+                    str(out),
+                    "-lm",
+                ]
                 try:
                     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
                 except (OSError, subprocess.SubprocessError) as err:
@@ -189,7 +204,35 @@ class Library:
         lib.longmem_run_lean.restype = ctypes.c_int
         lib.longmem_run_lean.argtypes = [_p, _p, _i32, _i32, _i32, _p, _p, _p, _p, _i32, _i64, _i64, _i64,
                                          _p, _p, _p, ctypes.c_double, _i32]  # fmt: skip
+        lib.longmem_parallel.restype = ctypes.c_int
+        lib.longmem_parallel.argtypes = [_i32, _p, _p, ctypes.c_double, _p, _i32]
+        lib.longmem_openmp.restype = ctypes.c_int
         self.lib = lib
+        #: whether longmem_parallel runs its ranges on the OpenMP team that torch's operations use
+        self.openmp = bool(lib.longmem_openmp()) and _one_openmp_runtime()
+
+
+def _one_openmp_runtime() -> bool:
+    """Whether one OpenMP runtime is loaded in this process (Linux): the kernels' and torch's are
+    then the same, and their threads are shared. Two runtimes would each keep threads spinning."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {
+                line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line or "libomp" in line
+            }
+    except OSError:
+        return False
+    return len({os.path.realpath(p) for p in paths}) == 1
+
+
+def _build_generic(builder: Builder) -> Path:
+    """The generic library, with OpenMP where the compiler takes it (``-fopenmp``; see
+    ``longmem_parallel`` in longmem_cpu.c), else without."""
+    source = SOURCE.read_text()
+    if OPENMP:
+        with contextlib.suppress(BuildError):
+            return builder.build("longmem_cpu", source, ("-fopenmp",))
+    return builder.build("longmem_cpu", source)
 
 
 _lock = threading.Lock()
@@ -213,7 +256,7 @@ def load() -> Library:
             raise BuildError(_failure)
         try:
             _builder = Builder(find_compiler())
-            _library = Library(_builder.build("longmem_cpu", SOURCE.read_text()))
+            _library = Library(_build_generic(_builder))
         except (BuildError, OSError) as err:
             _failure = str(err)
             raise BuildError(_failure) from err
@@ -724,21 +767,46 @@ def run(program: Program, batch: Batch, maximize: bool) -> None:
         if kernel(*fixed, begin, end) != 0:
             raise RuntimeError(f"longmem's CPU kernel rejected the program:\n{program}")
 
-    _in_threads(work, batch.numel)
+    kind = KIND_RUN if kernel is lib.lib.longmem_run else KIND_PROGRAM
+    _in_threads(work, batch.numel, native=(lib, kind, kernel, fixed, 0.0))
     # The kernel wrote the parameters through raw pointers: tell autograd, as an in-place torch
     # operation would (state buffers take no part in autograd graphs).
     bump_versions(batch.params)
 
 
-def _in_threads(work: Callable[[int, int], None], numels: Sequence[int], align: int = SPLIT_ALIGN) -> None:
+#: (library, kind, kernel, its arguments but (begin, end) and the double, the double): an entry point
+#: that ``longmem_parallel`` can call
+Native = tuple[Library, int, Callable[..., int], Sequence[int], float]
+
+
+def _in_threads(
+    work: Callable[[int, int], None],
+    numels: Sequence[int],
+    align: int = SPLIT_ALIGN,
+    native: Native | None = None,
+) -> None:
     """``work(begin, end)`` over the concatenation of tensors of ``numels`` elements, split over
-    ``torch.get_num_threads()`` threads (cuts on multiples of ``align`` within a tensor)."""
+    ``torch.get_num_threads()`` threads (cuts on multiples of ``align`` within a tensor).
+
+    With ``native`` (the C entry point ``work`` calls) and an OpenMP build, one call runs the ranges
+    on torch's OpenMP team (``longmem_parallel``); otherwise Python threads call ``work``."""
     total = sum(numels)
     threads = max(1, min(torch.get_num_threads(), total // PARALLEL_MIN_ELEMENTS))
     if threads == 1:
         work(0, total)
         return
     cuts = _split(numels, threads, align)
+    if native is not None and native[0].openmp:
+        lib, kind, kernel, args, d = native
+        words = array.array("q", args)
+        bounds = array.array("q", cuts)
+        address = ctypes.cast(kernel, ctypes.c_void_p).value
+        if lib.lib.longmem_parallel(
+            kind, address, words.buffer_info()[0], d, bounds.buffer_info()[0], threads
+        ):
+            work(0, 0)  # raises the entry point's error (an empty range runs the same checks)
+            raise RuntimeError("longmem's CPU kernel failed on a range")
+        return
     futures = [_executor(threads - 1).submit(work, cuts[k], cuts[k + 1]) for k in range(1, threads)]
     try:
         work(cuts[0], cuts[1])
@@ -880,5 +948,9 @@ def run_lean(
         if kernel(*fixed, begin, end, *after) != 0:
             raise RuntimeError(f"longmem's lean CPU kernel rejected the program ({forms}):\n{program}")
 
-    _in_threads(work, list(numel), LEAN_BLOCK)
+    if kernel is lib.lib.longmem_run_lean:
+        native = (lib, KIND_RUN_LEAN, kernel, (*fixed, after[0], after[1], after[2], after[4]), after[3])
+    else:
+        native = (lib, KIND_LEAN_PROGRAM, kernel, (*fixed, after[0], after[1]), after[2])
+    _in_threads(work, list(numel), LEAN_BLOCK, native=native)
     bump_versions(params)

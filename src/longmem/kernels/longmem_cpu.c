@@ -290,3 +290,75 @@ int longmem_run_lean(const int32_t *code, const double *scalar, int32_t n_instr,
     }
     return 0;
 }
+
+/* ---- running a kernel on several threads -------------------------------------------------------
+ *
+ * longmem_parallel runs one of the entry points above (or a generated kernel's) over `parts` ranges
+ * [cuts[k], cuts[k+1]) of the concatenation, one per thread of an OpenMP team. Built with -fopenmp
+ * where the compiler takes it (cpu.py), this is the OpenMP runtime that torch's CPU operations use
+ * (libgomp, loaded once per process), so a step reuses the threads torch keeps spinning after its
+ * own parallel regions instead of competing with them for the cores. Without OpenMP the ranges run
+ * one after another (cpu.py then uses Python threads instead and never calls this).
+ *
+ * a: the entry point's arguments other than (begin, end), as 64-bit words in order; d: its double.
+ * kind: LM_KIND_* below. Returns 0, or the first non-zero result of a range. */
+#define LM_KIND_PROGRAM 0     /* longmem_kernel (a generated kernel) */
+#define LM_KIND_LEAN_PROGRAM 1 /* longmem_lean_kernel (a generated lean kernel) */
+#define LM_KIND_RUN 2         /* longmem_run */
+#define LM_KIND_RUN_LEAN 3    /* longmem_run_lean */
+
+typedef int (*lm_program_fn)(void *const *, const int64_t *, const int8_t *, const double *, int32_t, int64_t,
+                             int64_t, int64_t);
+typedef int (*lm_lean_program_fn)(void *const *, const int64_t *, const int8_t *, const double *, int32_t,
+                                  int64_t, int64_t, int64_t, const int64_t *, const int32_t *, double);
+
+#define LM_P(k, type) ((type)(intptr_t)a[k])
+
+static int lm_run_range(int32_t kind, void *fn, const int64_t *a, double d, int64_t begin, int64_t end) {
+    switch (kind) {
+    case LM_KIND_PROGRAM:
+        return ((lm_program_fn)fn)(LM_P(0, void *const *), LM_P(1, const int64_t *), LM_P(2, const int8_t *),
+                                   LM_P(3, const double *), (int32_t)a[4], a[5], begin, end);
+    case LM_KIND_LEAN_PROGRAM:
+        return ((lm_lean_program_fn)fn)(LM_P(0, void *const *), LM_P(1, const int64_t *), LM_P(2, const int8_t *),
+                                        LM_P(3, const double *), (int32_t)a[4], a[5], begin, end,
+                                        LM_P(6, const int64_t *), LM_P(7, const int32_t *), d);
+    case LM_KIND_RUN:
+        return longmem_run(LM_P(0, const int32_t *), LM_P(1, const double *), (int32_t)a[2], (int32_t)a[3],
+                           (int32_t)a[4], LM_P(5, void *const *), LM_P(6, const int64_t *), LM_P(7, const int8_t *),
+                           LM_P(8, const int8_t *), (int32_t)a[9], a[10], begin, end);
+    case LM_KIND_RUN_LEAN:
+        return longmem_run_lean(LM_P(0, const int32_t *), LM_P(1, const double *), (int32_t)a[2], (int32_t)a[3],
+                                (int32_t)a[4], LM_P(5, void *const *), LM_P(6, const int64_t *),
+                                LM_P(7, const int8_t *), LM_P(8, const int8_t *), (int32_t)a[9], a[10], begin, end,
+                                LM_P(11, const int8_t *), LM_P(12, const int64_t *), LM_P(13, const int32_t *), d,
+                                (int32_t)a[14]);
+    default:
+        return -1;
+    }
+}
+
+int longmem_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int longmem_parallel(int32_t kind, void *fn, const int64_t *a, double d, const int64_t *cuts, int32_t parts) {
+    int rc = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+#endif
+    for (int32_t k = 0; k < parts; k++) {
+        int r = lm_run_range(kind, fn, a, d, cuts[k], cuts[k + 1]);
+        if (r != 0) {
+#ifdef _OPENMP
+#pragma omp critical(longmem_rc)
+#endif
+            if (rc == 0) rc = r;
+        }
+    }
+    return rc;
+}
