@@ -207,14 +207,24 @@ class Library:
         lib.longmem_parallel.restype = ctypes.c_int
         lib.longmem_parallel.argtypes = [_i32, _p, _p, ctypes.c_double, _p, _i32]
         lib.longmem_openmp.restype = ctypes.c_int
+        lib.longmem_openmp_library.restype = ctypes.c_char_p
         self.lib = lib
+        #: the OpenMP runtime the library's calls go to ("" for a build without OpenMP)
+        self.openmp_library = os.fsdecode(lib.longmem_openmp_library() or b"")
         #: whether longmem_parallel runs its ranges on the OpenMP team that torch's operations use
-        self.openmp = bool(lib.longmem_openmp()) and _one_openmp_runtime()
+        self.openmp = bool(lib.longmem_openmp()) and _torchs_openmp(self.openmp_library)
 
 
-def _one_openmp_runtime() -> bool:
-    """Whether one OpenMP runtime is loaded in this process (Linux): the kernels' and torch's are
-    then the same, and their threads are shared. Two runtimes would each keep threads spinning."""
+def _torchs_openmp(ours: str) -> bool:
+    """Whether ``ours`` (the OpenMP runtime the kernel library's calls go to) is torch's: the one in
+    torch's own ``lib`` folder where the wheel ships one, else the one runtime loaded (Linux). Other
+    packages may load runtimes of their own (scikit-learn's wheels ship a renamed libgomp)."""
+    if not ours:
+        return False
+    ours = os.path.realpath(ours)
+    shipped = sorted((Path(torch.__file__).parent / "lib").glob("lib*omp*.so*"))
+    if shipped:
+        return ours in {os.path.realpath(p) for p in shipped}
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             paths = {
@@ -222,7 +232,7 @@ def _one_openmp_runtime() -> bool:
             }
     except OSError:
         return False
-    return len({os.path.realpath(p) for p in paths}) == 1
+    return {os.path.realpath(p) for p in paths} == {ours}
 
 
 def _build_generic(builder: Builder) -> Path:
@@ -231,7 +241,7 @@ def _build_generic(builder: Builder) -> Path:
     source = SOURCE.read_text()
     if OPENMP:
         with contextlib.suppress(BuildError):
-            return builder.build("longmem_cpu", source, ("-fopenmp",))
+            return builder.build("longmem_cpu", source, ("-fopenmp", "-ldl"))
     return builder.build("longmem_cpu", source)
 
 

@@ -13,7 +13,12 @@
  * No torch or Python headers: this compiles in about a second with any C99 compiler and is loaded
  * with ctypes (which releases the GIL during a call, so Python threads can run it in parallel).
  */
+#define _GNU_SOURCE /* dladdr, for longmem_openmp_library */
 #include "longmem_ops.h"
+#ifdef _OPENMP
+#include <dlfcn.h>
+#include <omp.h>
+#endif
 
 #define BLOCK 512       /* elements per block: all operands of a block stay in L1 */
 #define MAX_SLOTS 16    /* p, g, state buffers and temporaries of one program */
@@ -344,6 +349,16 @@ int longmem_openmp(void) {
 #else
     return 0;
 #endif
+}
+
+/* The file of the OpenMP runtime this library's calls go to ("" without OpenMP): cpu.py checks that
+ * it is torch's, not a second runtime that happens to be loaded (scikit-learn ships its own). */
+const char *longmem_openmp_library(void) {
+#ifdef _OPENMP
+    Dl_info info;
+    if (dladdr((void *)&omp_get_max_threads, &info) && info.dli_fname) return info.dli_fname;
+#endif
+    return "";
 }
 
 int longmem_parallel(int32_t kind, void *fn, const int64_t *a, double d, const int64_t *cuts, int32_t parts) {
