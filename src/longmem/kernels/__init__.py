@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .._rounding import ROUNDED_DTYPES
 from .._state_precision import LeanBuffers
 from . import cpu, program
 
@@ -49,7 +50,6 @@ class FusedFallbackWarning(UserWarning):
 _warned: set[str] = set()
 _dtype = operator.attrgetter("dtype")
 _is_cpu = operator.attrgetter("is_cpu")
-_ROUNDED = (torch.bfloat16, torch.float16)
 
 #: parameter dtypes the fused kernels take, on CPU and CUDA alike (``cpu.DTYPE_CODES``,
 #: ``cuda._VIEWS``); complex ones as pairs of reals
@@ -159,7 +159,7 @@ def run_fused(
     Returns the indices of the parameters it left for the caller's foreach path.
     """
     trace, state = prepare(rule, buffers)
-    if param_streams is not None and not any(p.dtype in _ROUNDED for p in params):
+    if param_streams is not None and not any(p.dtype in ROUNDED_DTYPES for p in params):
         param_streams = None  # nothing to round: the plain kernels
     lean = param_streams is not None or any(type(row) is LeanBuffers for row in state)
     on_cpu: list[int] = []

@@ -21,8 +21,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import cpu, program
 from .cpu import BASE_FLAGS, KERNEL_DIR
 
@@ -139,6 +137,7 @@ def recorded_kernels() -> Iterator[list[Kernel]]:
     """Inside the block, fused steps record the kernels they would run in the yielded list, and
     leave the step itself to the foreach path (which computes the same numbers)."""
     from .. import kernels
+    from .._rounding import ROUNDED_DTYPES
     from .._state_precision import LeanBuffer, LeanBuffers
 
     original = kernels.run_fused
@@ -149,7 +148,7 @@ def recorded_kernels() -> Iterator[list[Kernel]]:
         lean = any(isinstance(row, LeanBuffers) for row in rows)
         wanted: dict[tuple, None] = {}
         for i, t in enumerate(steps):
-            stochastic = param_streams is not None and params[i].dtype in (torch.bfloat16, torch.float16)
+            stochastic = param_streams is not None and params[i].dtype in ROUNDED_DTYPES
             forms = tuple(row[i].form if isinstance(row[i], LeanBuffer) else "f32" for row in rows)
             wanted[(t, forms if lean or stochastic else None, stochastic)] = None
         recorded.extend(Kernel(trace(t), f, st) for t, f, st in wanted)
