@@ -483,6 +483,41 @@ def test_three_threads_match_one(monkeypatch, openmp, specialize):
     assert parallel_calls == ([kind] * 3 if openmp else []), parallel_calls
 
 
+FORK_SCRIPT = r"""
+import os, sys, torch, longmem
+torch.set_num_threads(2)
+ps = [torch.nn.Parameter(torch.randn(1 << 18, generator=torch.Generator().manual_seed(k))) for k in range(2)]
+for p in ps:
+    p.grad = torch.ones_like(p)
+opt = longmem.AdEMAMix(ps, fused=True)
+opt.step()  # the parent has run its thread team
+pid = os.fork()
+if pid == 0:
+    opt.step()
+    torch.save([p.detach() for p in ps], sys.argv[1])
+    os._exit(0)
+os.waitpid(pid, 0)
+opt.step()
+child = torch.load(sys.argv[1])
+assert all(torch.equal(p.detach(), q) for p, q in zip(ps, child)), "the child's step differs"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_fused_step_in_a_forked_child(tmp_path):
+    """A child forked after the parent's fused steps ran on threads steps too (GNU OpenMP would hang
+    starting a team there: the child uses Python threads), with the parent's numbers."""
+    import subprocess
+
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "child.pt")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP builds are checked on Linux")
 def test_kernels_share_torchs_openmp_runtime():
     """On Linux the generic library is built with -fopenmp and its OpenMP calls go to torch's
