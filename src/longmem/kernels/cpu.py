@@ -213,9 +213,20 @@ class Library:
         self.openmp_library = os.fsdecode(lib.longmem_openmp_library() or b"")
         #: whether longmem_parallel runs its ranges on the OpenMP team that torch's operations use
         self.openmp = bool(lib.longmem_openmp()) and _torchs_openmp(self.openmp_library)
-        #: the process that loaded it: GNU OpenMP cannot start a team in a child forked after the
-        #: parent ran one (it hangs, torch's own operations too), so a forked child uses Python threads
-        self.pid = os.getpid()
+
+
+#: set in a forked child: GNU OpenMP cannot start a team in a child forked after the parent ran one
+#: (it hangs, torch's own operations too), so forked children run a step's threads as Python threads
+_forked = False
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked)
 
 
 def _torchs_openmp(ours: str) -> bool:
@@ -809,7 +820,7 @@ def _in_threads(
         work(0, total)
         return
     cuts = _split(numels, threads, align)
-    if native is not None and native[0].openmp and os.getpid() == native[0].pid:
+    if native is not None and native[0].openmp and not _forked:
         lib, kind, kernel, args, d = native
         words = array.array("q", args)
         bounds = array.array("q", cuts)
