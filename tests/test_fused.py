@@ -546,6 +546,43 @@ def broken_compiler(monkeypatch, tmp_path):
     kernels.reset()
 
 
+def test_compiler_without_openmp_builds_once_without_it(monkeypatch, tmp_path):
+    """A compiler that refuses -fopenmp: the generic library is built without it (Python threads,
+    the same numbers), and the refusal is remembered, so later processes do not ask again."""
+    import shutil as _shutil
+
+    log = tmp_path / "calls.txt"
+    wrapper = tmp_path / "cc-no-openmp"
+    real = _shutil.which("cc") or _shutil.which("gcc")
+    if real is None:
+        pytest.skip("no C compiler")
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'case " $* " in *" -fopenmp "*) echo "no OpenMP here" >&2; exit 1;; esac\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("LONGMEM_CC", str(wrapper))
+    monkeypatch.setenv("LONGMEM_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        asked = []
+        for _ in range(2):
+            kernels.reset()
+            lib = cpu.load()
+            assert not lib.openmp and lib.openmp_library == ""
+            asked.append(sum("-fopenmp" in line for line in log.read_text().splitlines()))
+        assert asked[0] >= 1 and asked[1] == asked[0], asked  # asked by the first load only
+        a, opt_a, b, opt_b = _pair("AdEMAMix", {"weight_decay": 0.1}, [(7,), (300_007,)])
+        _step_both(a, opt_a, b, opt_b, steps=2)
+        for p, q in zip(a, b, strict=True):
+            torch.testing.assert_close(p, q)
+    finally:
+        monkeypatch.delenv("LONGMEM_CC")
+        monkeypatch.delenv("LONGMEM_CACHE_DIR")
+        kernels.reset()
+
+
 def test_failed_build_warns_once_and_runs_foreach(broken_compiler):
     a, opt_a, b, opt_b = _pair("AdEMAMix", {"weight_decay": 0.1}, [(7,), (100_003,)])
     with warnings.catch_warnings(record=True) as caught:

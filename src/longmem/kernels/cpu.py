@@ -251,11 +251,18 @@ def _torchs_openmp(ours: str) -> bool:
 
 def _build_generic(builder: Builder) -> Path:
     """The generic library, with OpenMP where the compiler takes it (``-fopenmp``; see
-    ``longmem_parallel`` in longmem_cpu.c), else without."""
+    ``longmem_parallel`` in longmem_cpu.c), else without. A compiler that refused the OpenMP build
+    is remembered beside where it would be cached, so later processes do not try again."""
     source = SOURCE.read_text()
     if OPENMP:
-        with contextlib.suppress(BuildError):
-            return builder.build("longmem_cpu", source, ("-fopenmp", "-ldl"))
+        openmp = ("-fopenmp", "-ldl")
+        refused = builder.path_for("longmem_cpu", source, openmp).with_suffix(".no-openmp")
+        if not refused.exists():
+            try:
+                return builder.build("longmem_cpu", source, openmp)
+            except BuildError as err:
+                with contextlib.suppress(OSError):
+                    refused.write_text(str(err))
     return builder.build("longmem_cpu", source)
 
 
