@@ -165,7 +165,7 @@ def _bf16_spacing(x):
 SLOW_EMA_STEPS = 20_000
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _slow_ema(mode):
     return sp.slow_ema_trace(mode, steps=SLOW_EMA_STEPS, n=2048)
 
