@@ -19,8 +19,8 @@ Grids, each a signed code (sign and 128 magnitudes ``G[c]``, ``G[127] = 1``) tim
 * ``power 3``: ``G[c] = (c / 127)^3``, the grid ``state_precision="8bit"`` ships (signed buffers);
 * ``linear``: ``G[c] = c / 127``;
 * ``E3M4``: a float-like code (3 exponent bits, 4 mantissa bits, linear below 2^-7 of the top), the
-  kind of format whose encoding is a few integer operations on a float's bits (about a third of the
-  power grid's step time in the fused kernels, docs/speed.md).
+  kind of format whose encoding is a few integer operations on a float's bits (with codes of that
+  kind a scratch harness ran the whole fused 8-bit step 2.2-2.9x faster, docs/speed.md).
 
 Workloads: EMAs of ``(mu + N(0, 1)) * s_i`` whose per-element scales ``s_i`` are log-uniform over
 ``spread`` decades and placed at random in the blocks (a block of a real weight's state mixes scales):
@@ -38,13 +38,13 @@ from typing import Any
 
 import torch
 
-from longmem._state_precision import BLOCK_SIZE
+from longmem._state_precision import BLOCK_SIZE, SIGNED_GRID
 
-LEVELS = 127
+LEVELS, POWER = SIGNED_GRID
 
 
 def power3_grid() -> torch.Tensor:
-    return (torch.arange(LEVELS + 1, dtype=torch.float64) / LEVELS) ** 3
+    return (torch.arange(LEVELS + 1, dtype=torch.float64) / LEVELS) ** POWER
 
 
 def linear_grid() -> torch.Tensor:

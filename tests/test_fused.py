@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -549,11 +550,9 @@ def broken_compiler(monkeypatch, tmp_path):
 def test_compiler_without_openmp_builds_once_without_it(monkeypatch, tmp_path):
     """A compiler that refuses -fopenmp: the generic library is built without it (Python threads,
     the same numbers), and the refusal is remembered, so later processes do not ask again."""
-    import shutil as _shutil
-
     log = tmp_path / "calls.txt"
     wrapper = tmp_path / "cc-no-openmp"
-    real = _shutil.which("cc") or _shutil.which("gcc")
+    real = shutil.which("cc") or shutil.which("gcc")
     if real is None:
         pytest.skip("no C compiler")
     wrapper.write_text(

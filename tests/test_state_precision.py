@@ -182,14 +182,15 @@ def test_slow_ema_tracks_with_stochastic_rounding_and_fails_without():
 
 def _grid_spacing(m, mode):
     """The spacing of the stored grid at each (decoded, positive) value of ``m``: one bf16 unit; for
-    8-bit, absmax * (g(c + 1) - g(c)) with g(c) = (c / 127)^3, c the element's code (the block's largest
-    value has code 127 and decodes to absmax)."""
+    8-bit, absmax * (g(c + 1) - g(c)) with g(c) = (c / L)^P (``SIGNED_GRID``), c the element's code (the
+    block's largest value has code L and decodes to absmax)."""
     if mode == "bf16":
-        return torch.ldexp(torch.ones_like(m, dtype=torch.float64), torch.frexp(m).exponent - 8)
+        return _bf16_spacing(m).double()
+    levels, power = sp.SIGNED_GRID
     blocks = m.double().view(-1, sp.BLOCK_SIZE)
     absmax = blocks.abs().amax(dim=1, keepdim=True)
-    c = (127 * (blocks.abs() / absmax) ** (1 / 3)).round().clamp(max=126)
-    return (absmax * (((c + 1) / 127) ** 3 - (c / 127) ** 3)).view(-1)
+    c = (levels * (blocks.abs() / absmax) ** (1 / power)).round().clamp(max=levels - 1)
+    return (absmax * (((c + 1) / levels) ** power - (c / levels) ** power)).view(-1)
 
 
 @pytest.mark.parametrize("mode", LEAN)
