@@ -11,7 +11,8 @@ Sections:
 2. Peak process memory of a step on one 38.6M-element tensor per mode and path (fresh processes):
    fused (lean state coded in the kernel) and foreach (decoded and encoded in pieces).
 3. Slow EMA (beta 0.9999) of 0.5 + N(0, 1) over ``--ema-steps`` steps and ``--ema-elements`` elements,
-   kept in each mode, against float32: the error of the mean and the per-element RMS error.
+   kept in each mode, against float32: the error of the mean and the per-element RMS error; and
+   the slow EMA of bitsandbytes' ``AdEMAMix8bit`` (lr 0) on the same gradients, when it is installed.
 4. Step time of AdEMAMix per mode and path (median of ``--repeats``) on ``--time-params`` parameters,
    beside torchao's ``AdamW8bit`` and bitsandbytes' ``AdEMAMix8bit`` when they are installed and run
    here, every row interleaved step by step with torch's fused AdamW (its ratio to it, as
@@ -130,19 +131,59 @@ def slow_ema(mode: str, steps: int, n: int) -> tuple[float, float]:
     return mean_error, rms
 
 
+def bitsandbytes_slow_ema(
+    steps: int, n: int, beta: float = 0.9999, seed: int = 0
+) -> tuple[float, float] | str:
+    """The slow EMA (``m2``) that bitsandbytes' AdEMAMix8bit keeps (lr 0, so the parameter stays put) of
+    the gradients ``sp.slow_ema_trace`` draws, against float32, as ``slow_ema``; or why it did not run."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnb_f
+    except Exception as err:
+        return f"bitsandbytes does not import ({type(err).__name__})"
+    gen = torch.Generator().manual_seed(seed)  # the gradient stream of sp.slow_ema_trace
+    p = torch.nn.Parameter(torch.zeros(n))
+    opt = bnb.optim.AdEMAMix8bit([p], lr=0.0, betas=(0.9, 0.999, beta), weight_decay=0.0)
+    exact = torch.zeros(n)
+    try:
+        for _ in range(steps):
+            p.grad = torch.randn(n, generator=gen).add_(0.5)
+            exact.lerp_(p.grad, 1 - beta)
+            opt.step()
+        state = opt.state[p]  # state1 stacks m1 and m2, each with its blocks' absmax
+        m = bnb_f.dequantize_blockwise(
+            state["state1"][1].contiguous(), absmax=state["absmax1"][1].contiguous(), code=state["qmap1"],
+            blocksize=256,
+        )  # fmt: skip
+    except Exception as err:
+        return f"bitsandbytes' AdEMAMix8bit did not run here ({type(err).__name__}: {str(err)[:160]})"
+    mean_error = m.mean().item() / exact.mean().item() - 1
+    return mean_error, ((m - exact).pow(2).mean().sqrt() / exact.abs().mean()).item()
+
+
 def ema_section(steps: int, n: int) -> dict[str, Any]:
-    results = {}
+    results: dict[str, Any] = {}
     rows = []
-    for mode in ["bf16 round-to-nearest", "bf16", "8bit"]:
+    for mode in ["bf16 round-to-nearest", "bf16", "8bit", "bitsandbytes"]:
         start = time.perf_counter()
-        mean_error, rms = slow_ema(mode, steps, n)
-        label = mode if mode.startswith("bf16 round") else f"{mode} (stochastic rounding)"
+        if mode == "bitsandbytes":
+            measured = bitsandbytes_slow_ema(steps, n)
+            if isinstance(measured, str):
+                results["bitsandbytes"] = measured
+                continue
+            mean_error, rms = measured
+            label = "bitsandbytes AdEMAMix8bit's m2 (its 8-bit format)"
+        else:
+            mean_error, rms = slow_ema(mode, steps, n)
+            label = mode if mode.startswith("bf16 round") else f"longmem {mode} (stochastic rounding)"
         verdict = "within 5%" if abs(mean_error) < 0.05 else "FAILS"
         results[mode] = {"mean_error": mean_error, "rms_error": rms}
         rows.append([label, f"{mean_error:+.2%}", f"{rms:.1%}", verdict])
         print(f"  ema {mode}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
     print(f"\n## Slow EMA, beta 0.9999, 0.5 + N(0, 1), {steps} steps x {n} elements, against float32\n")
     print(_table(["state", "error of the mean", "per-element RMS error", "verdict"], rows))
+    if isinstance(results.get("bitsandbytes"), str):
+        print(f"\n{results['bitsandbytes']}: its slow EMA was not measured")
     return results
 
 
