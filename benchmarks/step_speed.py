@@ -287,9 +287,6 @@ def pytorch_optimizer_candidates() -> tuple[list[tuple[str, str, Factory]], str]
     ], ""
 
 
-BITSANDBYTES_ROW = "default"  # the path column of bitsandbytes' row
-
-
 # ---- timing floors of the 8-bit codec (not codecs: timing only) ---------------------------------
 
 #: C put after the generated kernel's #include: the cheapest encodings and decodings of that shape
@@ -344,6 +341,9 @@ def floor_candidates() -> list[tuple[str, str, Factory]]:
     return [
         (f"{lean_row('8bit')}, {floor}", "fused", functools.partial(make, floor=floor)) for floor in FLOORS
     ]
+
+
+BITSANDBYTES_ROW = "default"  # the path column of bitsandbytes' row
 
 
 def bitsandbytes_candidates() -> tuple[list[tuple[str, str, Factory]], str]:
