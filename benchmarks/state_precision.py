@@ -123,19 +123,19 @@ def peak_section() -> dict[str, Any]:
 # ---- 2. slow EMA -------------------------------------------------------------------------------------
 
 
-def slow_ema(mode: str, steps: int, n: int) -> tuple[float, float]:
-    """Error of the mean and per-element RMS error of ``sp.slow_ema_trace`` against float32."""
-    m, exact = sp.slow_ema_trace("bf16-nearest" if mode == "bf16 round-to-nearest" else mode, steps, n)
+def slow_ema_errors(m: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """Error of the mean and per-element RMS error of a kept EMA ``m`` against the float32 one."""
     mean_error = m.mean().item() / exact.mean().item() - 1
     rms = ((m - exact).pow(2).mean().sqrt() / exact.abs().mean()).item()
     return mean_error, rms
 
 
-def bitsandbytes_slow_ema(
+def bitsandbytes_slow_ema_trace(
     steps: int, n: int, beta: float = 0.9999, seed: int = 0
-) -> tuple[float, float] | str:
-    """The slow EMA (``m2``) that bitsandbytes' AdEMAMix8bit keeps (lr 0, so the parameter stays put) of
-    the gradients ``sp.slow_ema_trace`` draws, against float32, as ``slow_ema``; or why it did not run."""
+) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """As ``sp.slow_ema_trace``, the slow EMA (``m2``) that bitsandbytes' AdEMAMix8bit keeps (lr 0, so the
+    parameter stays put) of the same gradients, and the float32 one: ``(kept, exact)``; or why it did
+    not run."""
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnb_f
@@ -157,33 +157,37 @@ def bitsandbytes_slow_ema(
         )  # fmt: skip
     except Exception as err:
         return f"bitsandbytes' AdEMAMix8bit did not run here ({type(err).__name__}: {str(err)[:160]})"
-    mean_error = m.mean().item() / exact.mean().item() - 1
-    return mean_error, ((m - exact).pow(2).mean().sqrt() / exact.abs().mean()).item()
+    return m, exact
+
+
+#: the rows of the slow-EMA table: key in the results, sp.slow_ema_trace's mode (None: bitsandbytes'), label
+EMA_ROWS = [
+    ("bf16 round-to-nearest", "bf16-nearest", "bf16 round-to-nearest"),
+    ("bf16", "bf16", "longmem bf16 (stochastic rounding)"),
+    ("8bit", "8bit", "longmem 8bit (stochastic rounding)"),
+    ("bitsandbytes", None, "bitsandbytes AdEMAMix8bit's m2 (its 8-bit format)"),
+]
 
 
 def ema_section(steps: int, n: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    rows = []
-    for mode in ["bf16 round-to-nearest", "bf16", "8bit", "bitsandbytes"]:
+    rows, notes = [], []
+    for key, mode, label in EMA_ROWS:
         start = time.perf_counter()
-        if mode == "bitsandbytes":
-            measured = bitsandbytes_slow_ema(steps, n)
-            if isinstance(measured, str):
-                results["bitsandbytes"] = measured
-                continue
-            mean_error, rms = measured
-            label = "bitsandbytes AdEMAMix8bit's m2 (its 8-bit format)"
-        else:
-            mean_error, rms = slow_ema(mode, steps, n)
-            label = mode if mode.startswith("bf16 round") else f"longmem {mode} (stochastic rounding)"
+        trace = bitsandbytes_slow_ema_trace(steps, n) if mode is None else sp.slow_ema_trace(mode, steps, n)
+        if isinstance(trace, str):
+            results[key] = trace
+            notes.append(f"{trace}: its slow EMA was not measured")
+            continue
+        mean_error, rms = slow_ema_errors(*trace)
         verdict = "within 5%" if abs(mean_error) < 0.05 else "FAILS"
-        results[mode] = {"mean_error": mean_error, "rms_error": rms}
+        results[key] = {"mean_error": mean_error, "rms_error": rms}
         rows.append([label, f"{mean_error:+.2%}", f"{rms:.1%}", verdict])
-        print(f"  ema {mode}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        print(f"  ema {key}: {time.perf_counter() - start:.1f}s", file=sys.stderr)
     print(f"\n## Slow EMA, beta 0.9999, 0.5 + N(0, 1), {steps} steps x {n} elements, against float32\n")
     print(_table(["state", "error of the mean", "per-element RMS error", "verdict"], rows))
-    if isinstance(results.get("bitsandbytes"), str):
-        print(f"\n{results['bitsandbytes']}: its slow EMA was not measured")
+    for note in notes:
+        print(f"\n{note}")
     return results
 
 
